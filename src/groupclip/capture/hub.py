@@ -1,0 +1,208 @@
+"""Wires units into a model: replaces each unit's forward, tracks the batch size, guards every parameter,
+and turns arriving uses into completed groups for the clipper.
+
+Layer-wise style clipping happens inside backprop: a group is clipped the moment its last use's output
+gradient arrives, and its saved tensors are dropped right after. Groups still open when backward ends
+(a use whose output never got a gradient) are clipped by an end-of-backward callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from groupclip.capture.context import StepState, Use
+from groupclip.capture.functions import LayerFn, Tap
+from groupclip.capture.units import Unit, batchify
+from groupclip.rules import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def _first_batch_size(args: tuple, kwargs: dict) -> int | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Temporarily let `module` see plain tensors in place of some of its parameters."""
+    old = []
+    for name, t in tensors.items():
+        prefix, _, attr = name.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        old.append((owner, attr, owner._parameters[attr]))
+        owner._parameters[attr] = t
+    try:
+        yield
+    finally:
+        for owner, attr, p in old:
+            owner._parameters[attr] = p
+
+
+class CaptureHub:
+    def __init__(
+        self,
+        model: nn.Module,
+        units: list[Unit],
+        group_of: dict[int, int],
+        on_group: Callable[[int, list[Use]], None],
+    ) -> None:
+        self.model = model
+        self.units = units
+        self.group_of = group_of  # id(param) -> group index
+        self.on_group = on_group
+        self.state: StepState | None = None
+        self._bypass = False
+        self._handles: list[Any] = []
+        self._pending: list[StepState] = []
+        self._callback_queued = False
+
+    # ---------------------------------------------------------------- install / remove
+    def install(self) -> None:
+        for unit in self.units:
+            if "forward" in unit.module.__dict__:
+                raise EngineError(f"module {unit.label()} already has a patched forward; detach other engines.")
+            unit.module.forward = self._make_forward(unit)
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in {id(p): p for u in self.units for p in u.params.values()}.values():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._make_guard(names.get(id(p), "?"))))
+
+    def remove(self) -> None:
+        for unit in self.units:
+            unit.module.__dict__.pop("forward", None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.state = None
+
+    @contextlib.contextmanager
+    def bypass(self):
+        """Run original forwards (used by the generic rule's per-sample re-run)."""
+        old, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = old
+
+    @staticmethod
+    def _make_guard(name: str):
+        def guard(grad):
+            if grad is None:  # our Functions return None for parameters; autograd still calls the hook
+                return None
+            raise EngineError(
+                f"parameter '{name}' received a gradient that did not pass through its module's per-sample "
+                "rule: it is used directly in another module's forward (or in the loss). Use it only through "
+                "the module that owns it (e.g. call the layer, or tie weights by sharing the Parameter "
+                "between modules), or move the computation that uses it into that module."
+            )
+
+        return guard
+
+    # ---------------------------------------------------------------- per-step state
+    def _root_pre_hook(self, module, args, kwargs):
+        if self._bypass or not torch.is_grad_enabled():
+            return None
+        st = self._current()
+        st.batch_size = _first_batch_size(args, kwargs)
+        return None
+
+    def _current(self) -> StepState:
+        if self.state is None or self.state.backward_started:
+            self.state = StepState()
+        return self.state
+
+    def _groups(self, unit: Unit, names: tuple[str, ...]) -> set[int]:
+        try:
+            return {self.group_of[id(unit.params[n])] for n in names}
+        except KeyError:
+            bad = [unit.global_names[n] for n in names if id(unit.params[n]) not in self.group_of]
+            raise EngineError(
+                f"parameter(s) {bad} are trainable but were frozen when the engine was created, so they "
+                "belong to no clipping group. Set requires_grad before creating the PrivacyEngine."
+            ) from None
+
+    # ---------------------------------------------------------------- forwards
+    def _make_forward(self, unit: Unit):
+        orig = type(unit.module).forward.__get__(unit.module)
+        hub = self
+
+        def forward(*args, **kwargs):
+            if hub._bypass or not torch.is_grad_enabled():
+                return orig(*args, **kwargs)
+            names = tuple(n for n, p in unit.params.items() if p.requires_grad)
+            if not names:
+                return orig(*args, **kwargs)
+            st = hub._current()
+            groups = hub._groups(unit, names)
+            if unit.rule.in_function and len(args) == 1 and not kwargs:
+                x = batchify(args[0], st.batch_size, unit)
+                st.count_forward(groups)
+                return LayerFn.apply(hub, unit, names, st, x, *[unit.params[n] for n in names])
+            return hub._generic_forward(unit, orig, names, st, groups, args, kwargs)
+
+        return forward
+
+    def _generic_forward(self, unit, orig, names, st, groups, args, kwargs):
+        with _swapped(unit.module, {n: unit.params[n].detach() for n in names}):
+            out = orig(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        saved = [leaves[i] for i in slots]
+        kept = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        out_leaves, out_spec = tree_flatten(out)
+        out_slots = [
+            i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
+        if not out_slots:
+            return out
+        batch = st.batch_size if st.batch_size is not None else _first_batch_size(args, kwargs)
+        extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
+                 "out_slots": out_slots, "batch": batch if batch is not None else 1}
+        st.count_forward(groups)
+        tapped = Tap.apply(
+            self, unit, st, extra, len(out_slots), len(saved),
+            *[out_leaves[i] for i in out_slots], *saved, *[unit.params[n] for n in names],
+        )
+        for i, t in zip(out_slots, tapped, strict=True):
+            out_leaves[i] = t
+        return tree_unflatten(out_leaves, out_spec)
+
+    # ---------------------------------------------------------------- backward side
+    def on_use(self, st: StepState, use: Use) -> None:
+        st.backward_started = True
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if st not in self._pending:
+            self._pending.append(st)
+        if not use.unit.rule.in_function:
+            use.unit.rule.per_sample_all(use, self.bypass)
+        groups = self._groups(use.unit, use.names)
+        for g in st.add(use, groups):
+            self._finish(st, g)
+
+    def _finish(self, st: StepState, g: int) -> None:
+        uses = st.arrived[g]
+        st.done.add(g)
+        st.arrived[g] = []
+        self.on_group(g, uses)
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        pending, self._pending = self._pending, []
+        for st in pending:
+            for g in st.pending():
+                self._finish(st, g)
+            if self.state is st:
+                self.state = None

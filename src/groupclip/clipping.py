@@ -1,0 +1,169 @@
+"""Groups, thresholds and clip functions φ, and the group finaliser that turns uses into clipped p.grad.
+
+For group k with threshold C_k, sample i contributes φ_k(‖g_i^k‖)·g_i^k; the clipped sum divided by the
+expected batch size is accumulated into p.grad. The total sensitivity is sqrt(Σ_k C_k²).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from groupclip.capture.context import Use
+from groupclip.rules import EngineError
+from groupclip.rules.base import acc_dtype, ghost_inner
+
+CLIPPING = ("automatic", "autov", "abadi", "psac")
+GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
+
+
+def clip_factor(kind: str, norm: torch.Tensor, c: float, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
+    """φ(‖g‖) for one group with threshold c."""
+    if kind == "abadi":
+        return torch.clamp(c / (norm + 1e-6), max=1.0)
+    if kind == "automatic":
+        return c / (norm + gamma)
+    if kind == "autov":
+        return torch.where(norm > 0, c / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    if kind == "psac":
+        return c / (norm + r / (norm + r))
+    raise ValueError(f"unknown clipping {kind!r}; choose one of {', '.join(CLIPPING)}")
+
+
+@dataclass
+class Groups:
+    """Parameter groups in a fixed order, with their thresholds."""
+
+    names: list[list[str]]
+    params: list[list[nn.Parameter]]
+    thresholds: list[float]
+
+    @property
+    def sensitivity(self) -> float:
+        return math.sqrt(sum(c * c for c in self.thresholds))
+
+    def index(self) -> dict[int, int]:
+        return {id(p): k for k, ps in enumerate(self.params) for p in ps}
+
+
+def build_groups(
+    model: nn.Module,
+    spec: str | Sequence[Sequence[str]],
+    max_grad_norm: float,
+    thresholds: Sequence[float] | None = None,
+) -> Groups:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise EngineError("the model has no trainable parameters (every requires_grad is False).")
+    if isinstance(spec, str):
+        if spec == "all-layer":
+            names = [[n for n, _ in named]]
+        elif spec == "param-wise":
+            names = [[n] for n, _ in named]
+        elif spec == "layer-wise":
+            owner: dict[str, list[str]] = {}
+            for n, _ in named:
+                owner.setdefault(n.rpartition(".")[0], []).append(n)
+            names = list(owner.values())
+        else:
+            raise ValueError(f"unknown groups {spec!r}; use one of {', '.join(GROUP_STYLES)} or a list of lists")
+    else:
+        names = [list(g) for g in spec]
+        trainable = dict(named)
+        listed = [n for g in names for n in g]
+        unknown = [n for n in listed if n not in trainable]
+        if unknown:
+            raise ValueError(f"groups name parameters that are not trainable parameters of the model: {unknown}")
+        dup = sorted({n for n in listed if listed.count(n) > 1})
+        if dup:
+            raise ValueError(f"groups list these parameters more than once: {dup}")
+        missing = [n for n in trainable if n not in listed]
+        if missing:
+            raise ValueError(
+                f"groups leave these trainable parameters out: {missing}. Every trainable parameter must be "
+                "in exactly one group (or freeze it with requires_grad_(False))."
+            )
+        if any(not g for g in names):
+            raise ValueError("groups contains an empty group")
+    lookup = dict(named)
+    if thresholds is None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        th = [max_grad_norm / math.sqrt(len(names))] * len(names)
+    else:
+        th = [float(c) for c in thresholds]
+        if len(th) != len(names):
+            raise ValueError(f"thresholds has {len(th)} entries but there are {len(names)} groups")
+        if any(not c > 0 for c in th):
+            raise ValueError("every threshold must be > 0")
+    return Groups(names, [[lookup[n] for n in g] for g in names], th)
+
+
+class Clipper:
+    """Computes per-sample group norms from a group's uses, clips, and accumulates into p.grad."""
+
+    def __init__(self, groups: Groups, kind: str, batch_size: int, loss_reduction: str,
+                 gamma: float = 0.01, psac_r: float = 0.01) -> None:
+        if kind not in CLIPPING:
+            raise ValueError(f"unknown clipping {kind!r}; choose one of {', '.join(CLIPPING)}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.groups, self.kind, self.batch_size = groups, kind, batch_size
+        self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
+
+    def _scale(self, use: Use) -> float:
+        return float(use.batch_size) if self.loss_reduction == "mean" else 1.0
+
+    def __call__(self, k: int, uses: list[Use]) -> None:
+        params = self.groups.params[k]
+        batch = {u.batch_size for u in uses}
+        if len(batch) != 1:
+            raise EngineError(
+                f"group {self.groups.names[k]} was used with batches of sizes {sorted(batch)} in one backward "
+                "pass; per-sample clipping needs one batch per backward."
+            )
+        by_param = []  # (param, [(use, local name)])
+        for p in params:
+            pu = [(u, n) for u in uses for n in u.names if u.unit.params[n] is p]
+            if pu:
+                by_param.append((p, pu))
+        if not by_param:
+            return
+        norm2 = None
+        for _, pu in by_param:
+            contrib = self._param_norm2(pu)
+            norm2 = contrib if norm2 is None else norm2 + contrib
+        factor = clip_factor(self.kind, norm2.clamp_min(0).sqrt(), self.groups.thresholds[k],
+                             self.gamma, self.psac_r) / self.batch_size
+        for p, pu in by_param:
+            total = None
+            for u, n in pu:
+                g = u.unit.rule.clipped_sum(u, factor * self._scale(u), n)
+                total = g if total is None else total + g
+            if p.grad is None:
+                p.grad = total.contiguous()
+            else:
+                p.grad.add_(total)
+
+    def _param_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
+        if len(pu) == 1:
+            u, n = pu[0]
+            return u.unit.rule.norms2(u, (n,))[n] * self._scale(u) ** 2
+        # one tensor, several uses (tied weights, a layer called twice): ‖Σ_u G_u‖² with cross terms
+        facs = [u.unit.rule.factors(u, n) for u, n in pu]
+        if all(f is not None for f in facs):
+            total = 0
+            for a in range(len(pu)):
+                for b in range(a, len(pu)):
+                    w = (1.0 if a == b else 2.0) * self._scale(pu[a][0]) * self._scale(pu[b][0])
+                    total = total + w * ghost_inner(facs[a], facs[b])
+            return total
+        summed = None
+        for u, n in pu:
+            g = u.unit.rule.per_sample(u, n) * self._scale(u)
+            summed = g if summed is None else summed + g.to(summed.dtype)
+        return summed.to(acc_dtype(summed)).pow(2).flatten(1).sum(1)

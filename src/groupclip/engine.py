@@ -1,0 +1,199 @@
+"""PrivacyEngine: the one class users need. It wires units (capture/), layer rules (rules/), clipping
+groups (clipping.py), noise (noise.py), the DP optimizer step (optim/) and the accountant together."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from groupclip import accounting
+from groupclip.capture.hub import CaptureHub
+from groupclip.capture.units import build_units, check_reachable
+from groupclip.clipping import Clipper, build_groups
+from groupclip.noise import GaussianNoise
+from groupclip.optim.dp_step import DPStep
+from groupclip.rules import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyEngine:
+    """Make `loss.backward(); optimizer.step()` differentially private, with one backward pass.
+
+    After `backward()`, p.grad = (1/batch_size) Σ_i φ_k(‖g_i^k‖) g_i^k; `optimizer.step()` adds
+    N(0, σ²C²)/batch_size per coordinate and then runs the wrapped optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        batch_size: int,
+        sample_size: int,
+        epochs: float | None = None,
+        steps: int | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        clipping: str = "automatic",
+        groups: str | Sequence[Sequence[str]] = "all-layer",
+        thresholds: Sequence[float] | None = None,
+        gamma: float = 0.01,
+        psac_r: float = 0.01,
+        loss_reduction: str = "mean",
+        accountant: str = "pld",
+        seed: int | None = None,
+        secure_mode: bool = False,
+        max_physical_batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(sample_size, int) or sample_size < 1:
+            raise ValueError(f"sample_size must be a positive int, got {sample_size!r}")
+        if batch_size > sample_size:
+            raise ValueError(f"batch_size ({batch_size}) exceeds sample_size ({sample_size}): q would be > 1")
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        if epochs is not None and steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError("max_physical_batch_size must be >= 1")
+        self.model, self.optimizer = model, optimizer
+        self.batch_size, self.sample_size = batch_size, sample_size
+        self.sample_rate = batch_size / sample_size
+        self.max_physical_batch_size = max_physical_batch_size
+        self.accountant_method = accountant
+        if steps is None and epochs is not None:
+            if epochs <= 0:
+                raise ValueError(f"epochs must be > 0, got {epochs}")
+            steps = max(1, math.ceil(epochs / self.sample_rate))
+        if steps is not None and (int(steps) != steps or steps < 1):
+            raise ValueError(f"steps must be a positive int, got {steps}")
+        self.planned_steps = steps
+        self.delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
+        if not 0 < self.delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.delta}")
+        if self.delta >= 1 / sample_size:
+            warnings.warn(f"target_delta={self.delta} is not below 1/N = {1 / sample_size:.3g}: the guarantee "
+                          "allows leaking a whole record with probability δ; use δ < 1/N", stacklevel=2)
+        if target_epsilon is not None:
+            if steps is None:
+                raise ValueError("target_epsilon needs the training length: give epochs= or steps=")
+            noise_multiplier = accounting.noise_multiplier(
+                epsilon=target_epsilon, delta=self.delta, sample_rate=self.sample_rate, steps=steps,
+                method=accountant)
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: gradients are clipped but no noise is added; this run is NOT "
+                          "differentially private", stacklevel=2)
+        self.noise_multiplier = float(noise_multiplier)
+        self.target_epsilon = target_epsilon
+
+        self._check_optimizer()
+        self.units = build_units(model)
+        check_reachable(model, self.units)
+        self.groups = build_groups(model, groups, max_grad_norm, thresholds)
+        self.max_grad_norm = self.groups.sensitivity
+        self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r)
+        self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
+        self.accountant = accounting.PrivacyAccountant()
+        self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper)
+        self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step)
+        self._loaders: list = []
+        self.hub.install()
+        self.dp_step.install()
+        self._attached = True
+        log.info("groupclip: σ=%.4g, C=%.4g, q=%.4g, δ=%.3g, %d groups, clipping=%s, %d units",
+                 self.noise_multiplier, self.max_grad_norm, self.sample_rate, self.delta,
+                 len(self.groups.names), clipping, len(self.units))
+
+    # ------------------------------------------------------------------ checks
+    def _check_optimizer(self) -> None:
+        model_params = {id(p) for p in self.model.parameters()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in model_params:
+                    raise EngineError(
+                        f"optimizer param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a "
+                        "parameter of the model: groupclip cannot clip it. Build the optimizer from "
+                        "model.parameters()."
+                    )
+        del names
+
+    def _check_step(self) -> None:
+        index = self.groups.index()
+        for n, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in index:
+                raise EngineError(
+                    f"parameter '{n}' was made trainable after the PrivacyEngine was created and belongs to "
+                    "no clipping group; set requires_grad before creating the engine."
+                )
+
+    def _after_step(self) -> None:
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def steps(self) -> int:
+        return self.accountant.steps
+
+    def epsilon(self, delta: float | None = None, method: str | None = None) -> float:
+        """ε spent by the steps taken so far, at `delta` (default: the engine's δ)."""
+        if self.noise_multiplier == 0:
+            return math.inf if self.steps else 0.0
+        return self.accountant.epsilon(self.delta if delta is None else delta,
+                                       method=method or self.accountant_method)
+
+    def data_loader(self, dataset, generator: torch.Generator | None = None, **kwargs):
+        """A Poisson-sampled loader (rate q = batch_size / sample_size), split into physical batches of at
+        most `max_physical_batch_size` with exactly one optimizer step per logical batch."""
+        from groupclip.data import PoissonBatchSampler, PoissonDataLoader
+
+        if len(dataset) != self.sample_size:
+            raise ValueError(f"dataset has {len(dataset)} samples but the engine was built with "
+                             f"sample_size={self.sample_size}; the sampling rate would be wrong")
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.noise.seed ^ 0x5EED)
+        sampler = PoissonBatchSampler(len(dataset), self.sample_rate, generator=generator,
+                                      max_physical_batch_size=self.max_physical_batch_size)
+        loader = PoissonDataLoader(dataset, sampler, on_chunk=self._on_chunk, **kwargs)
+        self._loaders.append(loader)
+        return loader
+
+    def _on_chunk(self, is_last: bool, logical_batch_size: int) -> None:
+        self.dp_step.skip_next = not is_last
+
+    def state_dict(self) -> dict:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise": self.noise.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "thresholds": list(self.groups.thresholds),
+            "samplers": [ld.sampler.state_dict() for ld in self._loaders],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise.load_state_dict(state["noise"])
+        self.noise_multiplier = state["noise_multiplier"]
+        self.noise.noise_multiplier = self.noise_multiplier
+        self.groups.thresholds = list(state["thresholds"])
+        for ld, s in zip(self._loaders, state.get("samplers", []), strict=False):
+            ld.sampler.load_state_dict(s)
+
+    def detach(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Return model and optimizer to plain PyTorch."""
+        if self._attached:
+            self.hub.remove()
+            self.dp_step.remove()
+            self._attached = False
+        return self.model, self.optimizer

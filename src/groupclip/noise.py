@@ -1,0 +1,62 @@
+"""Gaussian noise for the DP step, from seedable per-device torch.Generators.
+
+Secure mode draws the seed from the operating system's CSPRNG and never reports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+
+class GaussianNoise:
+    """Adds N(0, std²) per coordinate to each gradient, std = σ·C / batch_size."""
+
+    def __init__(self, noise_multiplier: float, sensitivity: float, batch_size: int,
+                 seed: int | None = None, secure_mode: bool = False) -> None:
+        self.noise_multiplier = float(noise_multiplier)
+        self.sensitivity = float(sensitivity)
+        self.batch_size = int(batch_size)
+        if secure_mode and seed is not None:
+            raise ValueError("secure_mode draws its own seed from the OS; do not pass seed=")
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_state: dict[str, torch.Tensor] = {}
+
+    @property
+    def std(self) -> float:
+        return self.noise_multiplier * self.sensitivity / self.batch_size
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed + len(self._generators))
+            if key in self._pending_state:
+                gen.set_state(self._pending_state.pop(key))
+            self._generators[key] = gen
+        return gen
+
+    @torch.no_grad()
+    def add_to(self, params: Iterable[torch.nn.Parameter]) -> None:
+        std = self.std
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if std > 0:
+                noise = torch.randn(p.shape, generator=self.generator(p.device), device=p.device,
+                                    dtype=p.grad.dtype)
+                p.grad.add_(noise, alpha=std)
+
+    def state_dict(self) -> dict:
+        states = {k: g.get_state() for k, g in self._generators.items()}
+        states.update(self._pending_state)
+        return {"seed": self.seed, "generators": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generators.clear()
+        self._pending_state = dict(state["generators"])

@@ -1,0 +1,109 @@
+"""The interface every layer rule implements, and helpers shared by the rules.
+
+A rule turns one call of a layer into (a) its output, computed with autograd off, (b) the gradient of its
+input, and (c) per-sample gradient facts for each trainable parameter: the squared norm, the clipped sum
+Σ_i c_i G_i, and, where it can, a factorisation G_i = Σ_t r_t ⊗ c_t that lets two uses of one tensor be
+combined without instantiating G_i (ghost inner products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from groupclip.capture.context import Use
+
+
+class EngineError(RuntimeError):
+    """The engine cannot train this model privately as it stands; the message says what to change."""
+
+
+@dataclass
+class Factors:
+    """G_i = Σ_t rows[i,t] ⊗ cols[i,t]. `rows` is dense (B,T,R) or, if `row_index`, integer (B,T) one-hots."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_index: bool = False
+
+
+class Rule:
+    """Base class. Rules are stateless singletons; everything per call lives in the `Use`."""
+
+    name = "rule"
+    #: True when the rule computes the layer output inside a custom autograd Function (fast path).
+    in_function = True
+
+    def supports(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check(self, module: nn.Module, qualname: str) -> None:
+        """Raise EngineError if this module's configuration cannot be clipped per sample."""
+
+    def forward(self, module: nn.Module, x: torch.Tensor, names: tuple[str, ...], x_grad: bool):
+        """Return (output, saved tensors or None, extra dict). Runs with autograd off.
+
+        `names` are the trainable parameters of this call; `x_grad` whether the input needs a gradient.
+        """
+        raise NotImplementedError
+
+    def input_grad(self, module: nn.Module, use: Use, needs: bool) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def norms2(self, use: Use, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Per-sample squared gradient norms (B,) in float32 or wider, one entry per name."""
+        raise NotImplementedError
+
+    def clipped_sum(self, use: Use, coef: torch.Tensor, name: str) -> torch.Tensor:
+        """Σ_i coef_i G_i for parameter `name`, shaped like the parameter."""
+        raise NotImplementedError
+
+    def per_sample(self, use: Use, name: str) -> torch.Tensor:
+        """Instantiated per-sample gradients (B, *param.shape): only for a tensor with several uses."""
+        raise NotImplementedError
+
+    def factors(self, use: Use, name: str) -> Factors | None:
+        return None
+
+
+def param_dtype_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == p.dtype else t.to(p.dtype)
+
+
+def acc_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype for norms: float64 stays float64, everything else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring two operands to one dtype (the output gradient's under autocast)."""
+    if a.dtype != b.dtype:
+        if b.dtype == torch.float64 or a.dtype == torch.float64:
+            return a.double(), b.double()
+        a = a.to(b.dtype)
+    return a, b
+
+
+def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:
+    """Per-sample <G_u, G_v> = Σ_{t,s} (r_t·r'_s)(c_t·c'_s) without forming G. Returns (B,)."""
+    cu, cv = common(u.cols, v.cols)
+    cc = torch.bmm(cu, cv.transpose(1, 2))
+    if u.row_index and v.row_index:
+        rr = (u.rows[:, :, None] == v.rows[:, None, :]).to(cc.dtype)
+    elif u.row_index:
+        rr = v.rows.gather(2, u.rows[:, None, :].expand(-1, v.rows.shape[1], -1)).transpose(1, 2)
+    elif v.row_index:
+        rr = u.rows.gather(2, v.rows[:, None, :].expand(-1, u.rows.shape[1], -1))
+    else:
+        ru, rv = common(u.rows, v.rows)
+        rr = torch.bmm(ru, rv.transpose(1, 2))
+    rr, cc = common(rr, cc)
+    dt = acc_dtype(rr, cc)
+    return (rr.to(dt) * cc.to(dt)).sum(dim=(1, 2))
+
+
+def prefer_ghost(t: int, rows: int, cols: int) -> bool:
+    """Ghost norm costs ~2T²(R+C) per sample, instantiation ~2TRC and R·C memory: ghost iff 2T² < R·C."""
+    return 2 * t * t < rows * cols

@@ -1,0 +1,102 @@
+"""Generic fallback: exact per-sample gradients of any module's parameters with torch.func.
+
+Used for modules without a dedicated rule (LSTM/GRU/RNN, MultiheadAttention, custom norms, raw parameters
+such as a ViT cls token or layer-scale vectors). The module runs normally in the forward with its own
+parameters detached; in the backward its output gradient arrives through a tap, and the per-sample
+gradient of its parameters is a vmapped vector-Jacobian product over a per-sample re-run of the module.
+Dropout inside such a module is re-drawn in that re-run, so use it with dropout off for exact gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from groupclip.capture.context import Use
+from groupclip.rules.base import EngineError, Rule, acc_dtype, param_dtype_like
+
+
+def _batch_dim(full: torch.Size, one: torch.Size, batch: int) -> int | None:
+    if len(full) != len(one):
+        return None
+    for d in range(len(full)):
+        if full[d] == batch and one[d] == 1 and full[:d] == one[:d] and full[d + 1 :] == one[d + 1 :]:
+            return d
+    return None
+
+
+def grads_device(grads) -> torch.device:
+    return next(g.device for g in grads if g is not None)
+
+
+class GenericRule(Rule):
+    name = "generic"
+    in_function = False
+
+    def supports(self, module):
+        return True
+
+    def per_sample_all(self, use: Use, bypass) -> dict[str, torch.Tensor]:
+        if "ps" in use.cache:
+            return use.cache["ps"]
+        unit, b = use.unit, use.batch_size
+        names = use.names
+        leaves = list(use.extra["leaves"])
+        for slot, t in zip(use.extra["tensor_slots"], use.saved, strict=True):
+            leaves[slot] = t.detach()
+        spec = use.extra["spec"]
+        out_slots = use.extra["out_slots"]
+        grads = use.grad_out
+        batched = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b for v in leaves]
+        # every parameter enters vmap expanded along the batch (a view): some kernels (e.g. the float64 RNN
+        # path) write in place and refuse unbatched weights next to batched inputs
+        frozen = {n: p.detach().expand(b, *p.shape) for n, p in unit.module.named_parameters()
+                  if n not in names}
+        primals = {n: unit.params[n].detach().expand(b, *unit.params[n].shape) for n in names}
+        module, qualname = unit.module, unit.qualname
+
+        def sample_loss(params, fixed, i, *vals):
+            it = iter(vals)
+            args = [next(it).unsqueeze(0) if bt else v for v, bt in zip(leaves, batched, strict=True)]
+            a, k = tree_unflatten(args, spec)
+            out_leaves, _ = tree_flatten(functional_call(module, {**fixed, **params}, a, k))
+            total = 0.0
+            for slot, g in zip(out_slots, grads, strict=True):
+                if g is None:
+                    continue
+                o = out_leaves[slot]
+                d = _batch_dim(g.shape, o.shape, b)
+                if d is None:
+                    if b == 1 and o.shape == g.shape:
+                        d = 0 if o.dim() else None
+                    if d is None:
+                        raise EngineError(
+                            f"module '{qualname}' returns an output of shape {tuple(g.shape)} with no batch "
+                            f"dimension of size {b}: its parameters' per-sample gradients cannot be separated. "
+                            "Return per-sample outputs from this module (the loss should be formed outside it)."
+                        )
+                total = total + (o * g.index_select(d, i.unsqueeze(0)).to(o.dtype)).sum()
+            return total
+
+        vals = [v for v, bt in zip(leaves, batched, strict=True) if bt]
+        if b == 0 or all(g is None for g in grads):
+            ps = {n: torch.zeros((b, *unit.params[n].shape), dtype=unit.params[n].dtype,
+                                 device=unit.params[n].device) for n in names}
+        else:
+            with bypass():
+                idx = torch.arange(b, device=grads_device(grads))
+                ps = vmap(grad(sample_loss), in_dims=0, randomness="different")(primals, frozen, idx, *vals)
+        use.cache["ps"] = ps
+        return ps
+
+    def norms2(self, use, names):
+        ps = use.cache["ps"]
+        return {n: ps[n].to(acc_dtype(ps[n])).pow(2).flatten(1).sum(1) for n in names}
+
+    def per_sample(self, use, name):
+        return use.cache["ps"][name]
+
+    def clipped_sum(self, use, coef, name):
+        ps = use.cache["ps"][name]
+        return param_dtype_like(torch.einsum("b,b...->...", coef.to(ps.dtype), ps), use.unit.params[name])

@@ -1,0 +1,102 @@
+"""nn.Linear (any number of leading dims) and transformers' Conv1D (y = x W + b, W stored in×out)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from groupclip.capture.context import Use
+from groupclip.rules.base import Factors, Rule, acc_dtype, common, ghost_inner, param_dtype_like, prefer_ghost
+
+
+def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.reshape(batch, math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+class LinearRule(Rule):
+    name = "linear"
+    transposed = False  # Conv1D stores the weight as (in, out)
+
+    def supports(self, module: nn.Module) -> bool:
+        return type(module).forward is nn.Linear.forward
+
+    def _weight(self, module: nn.Module) -> torch.Tensor:
+        w = module.weight
+        return w.t() if self.transposed else w
+
+    def forward(self, module, x, names, x_grad):
+        w = self._weight(module)
+        out = F.linear(x, w, module.bias)
+        keep_x = x if "weight" in names else None
+        return out, (keep_x, w), {}
+
+    def input_grad(self, module, use, needs):
+        if not needs:
+            return None
+        w = use.saved[1]
+        g = use.grad_out
+        return g.matmul(w if w.dtype == g.dtype else w.to(g.dtype))
+
+    def factors(self, use: Use, name: str) -> Factors | None:
+        if name != "weight":
+            return None
+        a = _as_btd(use.saved[0], use.batch_size)
+        g = _as_btd(use.grad_out, use.batch_size)
+        return Factors(a, g) if self.transposed else Factors(g, a)
+
+    def per_sample(self, use, name):
+        if name == "bias":
+            return self._bias_ps(use)
+        if "G" not in use.cache:
+            f = self.factors(use, name)
+            r, c = common(f.rows, f.cols)
+            use.cache["G"] = torch.bmm(r.transpose(1, 2), c)
+        return use.cache["G"]
+
+    def _bias_ps(self, use):
+        if "gb" not in use.cache:
+            g = _as_btd(use.grad_out, use.batch_size)
+            use.cache["gb"] = g.sum(1, dtype=acc_dtype(g))
+        return use.cache["gb"]
+
+    def norms2(self, use, names):
+        out = {}
+        for name in names:
+            if name == "bias":
+                out[name] = self._bias_ps(use).pow(2).sum(1)
+                continue
+            f = self.factors(use, name)
+            if prefer_ghost(f.rows.shape[1], f.rows.shape[2], f.cols.shape[2]):
+                out[name] = ghost_inner(f, f)
+            else:
+                g_ps = self.per_sample(use, name)
+                out[name] = g_ps.to(acc_dtype(g_ps)).pow(2).sum((1, 2))
+        return out
+
+    def clipped_sum(self, use, coef, name):
+        p = use.unit.params[name]
+        if name == "bias":
+            return param_dtype_like(coef.to(self._bias_ps(use).dtype) @ self._bias_ps(use), p)
+        if "G" in use.cache:
+            g_ps = use.cache["G"]
+            return param_dtype_like(torch.einsum("b,brc->rc", coef.to(g_ps.dtype), g_ps), p)
+        f = self.factors(use, name)
+        r, c = common(f.rows, f.cols)
+        if r.shape[2] <= c.shape[2]:
+            r = r * coef.to(r.dtype)[:, None, None]
+        else:
+            c = c * coef.to(c.dtype)[:, None, None]
+        return param_dtype_like(r.flatten(0, 1).t() @ c.flatten(0, 1), p)
+
+
+class HFConv1DRule(LinearRule):
+    """transformers.pytorch_utils.Conv1D, matched by class name so transformers stays optional."""
+
+    name = "hf_conv1d"
+    transposed = True
+
+    def supports(self, module):
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")

@@ -1,0 +1,142 @@
+"""LayerNorm, RMSNorm, GroupNorm and affine InstanceNorm: y = x̂ ⊙ w + b with x̂ the normalised input.
+
+Per-sample gradients are G_w = Σ (g ⊙ x̂), G_b = Σ g over every dim but the batch and the affine dims;
+both are tiny, so they are instantiated. The input gradient re-runs the (cheap) normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from groupclip.rules.base import EngineError, Rule, acc_dtype, param_dtype_like
+
+
+class _NormRule(Rule):
+    modules: tuple[type, ...] = ()
+    channel_affine = False  # affine params live on dim 1 (GroupNorm/InstanceNorm) or trailing dims
+
+    def supports(self, module):
+        return any(type(module).forward is m.forward for m in self.modules)
+
+    def full(self, module, x):
+        raise NotImplementedError
+
+    def normalize(self, module, x):
+        raise NotImplementedError
+
+    def forward(self, module, x, names, x_grad):
+        return self.full(module, x), (x, module.weight), {}
+
+    def _broadcast(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_affine:
+            return w.reshape(1, -1, *([1] * (x.dim() - 2)))
+        return w
+
+    def _xhat(self, use, with_grad_to=None):
+        x = use.saved[0]
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        if with_grad_to is None:
+            return self.normalize(use.unit.module, x)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            xh = self.normalize(use.unit.module, xr)
+            (gx,) = torch.autograd.grad(xh, xr, with_grad_to)
+        return xh.detach(), gx
+
+    def input_grad(self, module, use, needs):
+        g, w = use.grad_out, use.saved[1]
+        if not needs:
+            return None
+        gw = g.to(torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g
+        if w is not None:
+            gw = gw * self._broadcast(w.to(gw.dtype), gw)
+        xh, gx = self._xhat(use, with_grad_to=gw)
+        use.cache["xh"] = xh
+        return gx.to(use.saved[0].dtype)
+
+    def _reduce_dims(self, use, g):
+        if self.channel_affine:
+            return tuple(range(2, g.dim()))
+        nshape = use.unit.params.get("weight", use.unit.params.get("bias")).dim()
+        return tuple(range(1, g.dim() - nshape))
+
+    def _ps(self, use, name):
+        key = "ps_" + name
+        if key not in use.cache:
+            g = use.grad_out
+            dt = acc_dtype(g, use.saved[0])
+            g = g.to(dt)
+            if name == "weight":
+                xh = use.cache.get("xh")
+                if xh is None:
+                    xh = self._xhat(use)
+                g = g * xh.to(dt)
+            dims = self._reduce_dims(use, g)
+            use.cache[key] = g.sum(dims) if dims else g
+        return use.cache[key]
+
+    def norms2(self, use, names):
+        return {n: self._ps(use, n).pow(2).flatten(1).sum(1) for n in names}
+
+    def per_sample(self, use, name):
+        return self._ps(use, name)
+
+    def clipped_sum(self, use, coef, name):
+        ps = self._ps(use, name)
+        return param_dtype_like(torch.einsum("b,b...->...", coef.to(ps.dtype), ps), use.unit.params[name])
+
+
+class LayerNormRule(_NormRule):
+    name = "layer_norm"
+    modules = (nn.LayerNorm,)
+
+    def full(self, m, x):
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+
+    def normalize(self, m, x):
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
+class RMSNormRule(_NormRule):
+    name = "rms_norm"
+    modules = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+    def full(self, m, x):
+        return F.rms_norm(x, m.normalized_shape, m.weight, m.eps)
+
+    def normalize(self, m, x):
+        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+
+class GroupNormRule(_NormRule):
+    name = "group_norm"
+    modules = (nn.GroupNorm,)
+    channel_affine = True
+
+    def full(self, m, x):
+        return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+
+    def normalize(self, m, x):
+        return F.group_norm(x, m.num_groups, None, None, m.eps)
+
+
+class InstanceNormRule(_NormRule):
+    name = "instance_norm"
+    modules = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    channel_affine = True
+
+    def check(self, module, qualname):
+        if module.track_running_stats:
+            raise EngineError(
+                f"InstanceNorm '{qualname}' has track_running_stats=True: its running statistics average "
+                "over the whole batch and are not clipped or noised. Use track_running_stats=False."
+            )
+
+    def full(self, m, x):
+        return F.instance_norm(x, None, None, m.weight, m.bias, True, m.momentum or 0.0, m.eps)
+
+    def normalize(self, m, x):
+        return F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
