@@ -149,10 +149,20 @@ class Clipper:
             else:
                 p.grad.add_(total)
 
+    def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
+        """Compute the norms of a use's single-use parameters now and drop instantiated per-sample grads."""
+        if not names or not use.unit.rule.in_function:
+            return
+        norms = use.cache.setdefault("n2", {})
+        norms.update(use.unit.rule.norms2(use, tuple(n for n in names if n not in norms)))
+        use.cache.pop("G", None)
+
     def _param_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
         if len(pu) == 1:
             u, n = pu[0]
-            return u.unit.rule.norms2(u, (n,))[n] * self._scale(u) ** 2
+            cached = u.cache.get("n2", {})
+            n2 = cached[n] if n in cached else u.unit.rule.norms2(u, (n,))[n]
+            return n2 * self._scale(u) ** 2
         # one tensor, several uses (tied weights, a layer called twice): ‖Σ_u G_u‖² with cross terms
         facs = [u.unit.rule.factors(u, n) for u, n in pu]
         if all(f is not None for f in facs):

@@ -105,7 +105,7 @@ class PrivacyEngine:
         self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r)
         self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
         self.accountant = accounting.PrivacyAccountant()
-        self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper)
+        self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
         self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step)
         self._loaders: list = []
         self.hub.install()

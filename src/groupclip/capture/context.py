@@ -37,13 +37,16 @@ class StepState:
     def __init__(self) -> None:
         self.batch_size: int | None = None
         self.expected: dict[int, int] = defaultdict(int)
+        self.param_uses: dict[int, int] = defaultdict(int)  # id(param) -> forward calls that used it
         self.arrived: dict[int, list[Use]] = defaultdict(list)
         self.done: set[int] = set()
         self.backward_started = False
 
-    def count_forward(self, groups: set[int]) -> None:
+    def count_forward(self, groups: set[int], params) -> None:
         for g in groups:
             self.expected[g] += 1
+        for p in params:
+            self.param_uses[id(p)] += 1
 
     def add(self, use: Use, groups: set[int]) -> list[int]:
         """Record a use; return the groups that just became complete."""

@@ -55,11 +55,13 @@ class CaptureHub:
         units: list[Unit],
         group_of: dict[int, int],
         on_group: Callable[[int, list[Use]], None],
+        on_wait: Callable[[Use, tuple[str, ...]], None] | None = None,
     ) -> None:
         self.model = model
         self.units = units
         self.group_of = group_of  # id(param) -> group index
         self.on_group = on_group
+        self.on_wait = on_wait  # called for a use whose group must wait for later uses
         self.state: StepState | None = None
         self._bypass = False
         self._handles: list[Any] = []
@@ -147,8 +149,9 @@ class CaptureHub:
             groups = hub._groups(unit, names)
             if unit.rule.in_function and len(args) == 1 and not kwargs:
                 x = batchify(args[0], st.batch_size, unit)
-                st.count_forward(groups)
-                return LayerFn.apply(hub, unit, names, st, x, *[unit.params[n] for n in names])
+                params = [unit.params[n] for n in names]
+                st.count_forward(groups, params)
+                return LayerFn.apply(hub, unit, names, st, x, *params)
             return hub._generic_forward(unit, orig, names, st, groups, args, kwargs)
 
         return forward
@@ -169,7 +172,7 @@ class CaptureHub:
         batch = st.batch_size if st.batch_size is not None else _first_batch_size(args, kwargs)
         extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
                  "out_slots": out_slots, "batch": batch if batch is not None else 1}
-        st.count_forward(groups)
+        st.count_forward(groups, [unit.params[n] for n in names])
         tapped = Tap.apply(
             self, unit, st, extra, len(out_slots), len(saved),
             *[out_leaves[i] for i in out_slots], *saved, *[unit.params[n] for n in names],
@@ -189,7 +192,12 @@ class CaptureHub:
         if not use.unit.rule.in_function:
             use.unit.rule.per_sample_all(use, self.bypass)
         groups = self._groups(use.unit, use.names)
-        for g in st.add(use, groups):
+        complete = st.add(use, groups)
+        if self.on_wait is not None and len(complete) < len(groups):
+            # this use must wait: reduce it now to its norms, so only (input, output grad) stay alive
+            single = tuple(n for n in use.names if st.param_uses[id(use.unit.params[n])] == 1)
+            self.on_wait(use, single)
+        for g in complete:
             self._finish(st, g)
 
     def _finish(self, st: StepState, g: int) -> None:

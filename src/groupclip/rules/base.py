@@ -104,6 +104,17 @@ def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:
     return (rr.to(dt) * cc.to(dt)).sum(dim=(1, 2))
 
 
-def prefer_ghost(t: int, rows: int, cols: int) -> bool:
-    """Ghost norm costs ~2T²(R+C) per sample, instantiation ~2TRC and R·C memory: ghost iff 2T² < R·C."""
-    return 2 * t * t < rows * cols
+#: FLOPs a GPU does in the time it moves one byte of memory, times the 3 passes over an instantiated G_i.
+#: Ghost norms cost 2T²(R+C) multiply-adds per sample; instantiating G_i replaces the weight-gradient
+#: product (no extra multiply-adds) but writes and twice reads R·C elements per sample. On an H100 (about
+#: 600 TFLOP/s bf16 against 3 TB/s, 300 TFLOP/s tf32) both precisions give ghost iff T²(R+C) < 600·R·C.
+GHOST_BALANCE = 600.0
+#: Never instantiate per-sample gradients of one layer larger than this many bytes (transient memory).
+INSTANTIATE_MAX_BYTES = 512 * 2**20
+
+
+def prefer_ghost(t: int, rows: int, cols: int, batch: int = 1, elem_size: int = 4) -> bool:
+    """Choose the ghost norm over instantiating G_i for a layer with T positions and an R×C weight."""
+    if batch * rows * cols * elem_size > INSTANTIATE_MAX_BYTES:
+        return True
+    return t * t * (rows + cols) < GHOST_BALANCE * rows * cols

@@ -108,7 +108,7 @@ class ConvRule(Rule):
                 continue
             rows, cols = self._grouped(use)
             t, r, c = rows.shape[1], rows.shape[3], cols.shape[3]
-            if prefer_ghost(t, r, c):
+            if prefer_ghost(t, r, c, rows.shape[0] * rows.shape[2], cols.element_size()):
                 total = 0
                 for k in range(rows.shape[2]):
                     f = Factors(rows[:, :, k], cols[:, :, k])

@@ -29,6 +29,11 @@ class LinearRule(Rule):
 
     def forward(self, module, x, names, x_grad):
         w = self._weight(module)
+        if torch.is_autocast_enabled(x.device.type):
+            # keep the low-precision copy autocast would make anyway, not the wider input
+            dt = torch.get_autocast_dtype(x.device.type)
+            if x.is_floating_point() and x.dtype != dt:
+                x = x.to(dt)
         out = F.linear(x, w, module.bias)
         keep_x = x if "weight" in names else None
         return out, (keep_x, w), {}
@@ -69,7 +74,8 @@ class LinearRule(Rule):
                 out[name] = self._bias_ps(use).pow(2).sum(1)
                 continue
             f = self.factors(use, name)
-            if prefer_ghost(f.rows.shape[1], f.rows.shape[2], f.cols.shape[2]):
+            b, t, r = f.rows.shape
+            if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
                 out[name] = ghost_inner(f, f)
             else:
                 g_ps = self.per_sample(use, name)
