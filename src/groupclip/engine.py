@@ -92,8 +92,8 @@ class PrivacyEngine:
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if noise_multiplier == 0:
-            warnings.warn("noise_multiplier=0: gradients are clipped but no noise is added; this run is NOT "
-                          "differentially private", stacklevel=2)
+            warnings.warn("noise_multiplier=0: gradients are clipped but no noise is added; this run is not "
+                          "private (no differential privacy guarantee)", stacklevel=2)
         self.noise_multiplier = float(noise_multiplier)
         self.target_epsilon = target_epsilon
 
@@ -156,16 +156,16 @@ class PrivacyEngine:
     def data_loader(self, dataset, generator: torch.Generator | None = None, **kwargs):
         """A Poisson-sampled loader (rate q = batch_size / sample_size), split into physical batches of at
         most `max_physical_batch_size` with exactly one optimizer step per logical batch."""
-        from groupclip.data import PoissonBatchSampler, PoissonDataLoader
+        from groupclip.data import PoissonDataLoader
 
         if len(dataset) != self.sample_size:
             raise ValueError(f"dataset has {len(dataset)} samples but the engine was built with "
                              f"sample_size={self.sample_size}; the sampling rate would be wrong")
         if generator is None:
             generator = torch.Generator().manual_seed(self.noise.seed ^ 0x5EED)
-        sampler = PoissonBatchSampler(len(dataset), self.sample_rate, generator=generator,
-                                      max_physical_batch_size=self.max_physical_batch_size)
-        loader = PoissonDataLoader(dataset, sampler, on_chunk=self._on_chunk, **kwargs)
+        loader = PoissonDataLoader(dataset, self.sample_rate, generator=generator,
+                                   max_physical_batch_size=self.max_physical_batch_size,
+                                   on_chunk=self._on_chunk, **kwargs)
         self._loaders.append(loader)
         return loader
 
@@ -178,7 +178,7 @@ class PrivacyEngine:
             "noise": self.noise.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "thresholds": list(self.groups.thresholds),
-            "samplers": [ld.sampler.state_dict() for ld in self._loaders],
+            "loaders": [ld.state_dict() for ld in self._loaders],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -187,8 +187,8 @@ class PrivacyEngine:
         self.noise_multiplier = state["noise_multiplier"]
         self.noise.noise_multiplier = self.noise_multiplier
         self.groups.thresholds = list(state["thresholds"])
-        for ld, s in zip(self._loaders, state.get("samplers", []), strict=False):
-            ld.sampler.load_state_dict(s)
+        for ld, s in zip(self._loaders, state.get("loaders", []), strict=False):
+            ld.load_state_dict(s)
 
     def detach(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Return model and optimizer to plain PyTorch."""

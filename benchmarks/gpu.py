@@ -1,0 +1,462 @@
+"""GPU speed and memory of groupclip next to non-private training and Opacus, in one run.
+
+Rows: non-private; groupclip all-layer; groupclip layer-wise; Opacus hooks and ghost (where importable;
+their errors are recorded where they fail). Workloads: GPT-2 small LM (HF GPT2LMHeadModel from config, tied
+embeddings, default position ids) at T=256/B=64 and T=1024/B=16; ViT-base/16 at 224² (HF ViTForImageClassification
+from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every configuration is timed twice,
+the two rounds interleaved; median of --steps timed steps after --warmup, synchronised timers, random data.
+
+Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
+model, on the GPU), time (throughput and peak memory), maxbatch (largest batch that fits, searched).
+
+    python benchmarks/gpu.py --out results.json [--phases check,time,maxbatch] [--workloads gpt2-256,vit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+WORKLOADS = {
+    "gpt2-256": {"kind": "gpt2", "batch": 64, "seq": 256},
+    "gpt2-1024": {"kind": "gpt2", "batch": 16, "seq": 1024},
+    "vit": {"kind": "vit", "batch": 128, "seq": 0},
+}
+MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "opacus-hooks", "opacus-ghost"]
+PRECISIONS = ["fp32", "bf16"]
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- models and data
+def build_model(kind: str, seq: int, small: bool = False):
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if small:
+            cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        else:
+            cfg = GPT2Config(n_positions=max(seq, 1024))
+        with torch.device(DEV):
+            return GPT2LMHeadModel(cfg)
+    from transformers import ViTConfig, ViTForImageClassification
+
+    if small:
+        cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, num_labels=10)
+    else:
+        cfg = ViTConfig(image_size=224, patch_size=16, num_labels=10)
+    with torch.device(DEV):
+        return ViTForImageClassification(cfg)
+
+
+def make_batch(kind: str, batch: int, seq: int, gen: torch.Generator, small: bool = False):
+    if kind == "gpt2":
+        vocab = 300 if small else 50257
+        x = torch.randint(0, vocab, (batch, seq), generator=gen, device=DEV)
+        return x, x
+    size = 32 if small else 224
+    return (torch.randn(batch, 3, size, size, generator=gen, device=DEV),
+            torch.randint(0, 10, (batch,), generator=gen, device=DEV))
+
+
+def loss_of(kind: str, model, x, y):
+    if kind == "gpt2":
+        logits = model(input_ids=x).logits
+        # next-token loss, mean over all tokens (equal-length sequences: mean over samples of per-sample means)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1))
+    return F.cross_entropy(model(pixel_values=x).logits.float(), y)
+
+
+# ----------------------------------------------------------------------------------------- one configuration
+class Setup:
+    def __init__(self, workload: str, mode: str, precision: str, batch: int | None = None):
+        w = WORKLOADS[workload]
+        self.kind, self.seq, self.small = w["kind"], w["seq"], w.get("small", False)
+        self.batch = batch or w["batch"]
+        self.mode, self.precision = mode, precision
+        torch.manual_seed(0)
+        self.model = build_model(self.kind, self.seq, self.small)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.engine = None
+        self.crit_opacus = None
+        if mode.startswith("groupclip"):
+            import groupclip
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.engine = groupclip.PrivacyEngine(
+                    self.model, self.opt, batch_size=self.batch, sample_size=1_000_000, noise_multiplier=1.0,
+                    max_grad_norm=1.0, clipping="automatic", groups=mode.split("-", 1)[1], seed=0)
+        elif mode.startswith("opacus"):
+            self._opacus(mode)
+
+    def _opacus(self, mode: str):
+        from opacus import PrivacyEngine as OpacusEngine
+
+        gsm = {"opacus-hooks": "hooks", "opacus-ghost": "ghost"}[mode]
+        x, y = make_batch(self.kind, self.batch, self.seq, torch.Generator(DEV).manual_seed(0), self.small)
+        dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=self.batch)
+        pe = OpacusEngine()
+        model = OpacusWrap(self.model, self.kind)
+        kw = dict(module=model, optimizer=self.opt, data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0,
+                  grad_sample_mode=gsm, poisson_sampling=False)
+        if gsm == "ghost":
+            crit = torch.nn.CrossEntropyLoss()
+            self.model, self.opt, self.crit_opacus, _ = pe.make_private(criterion=crit, **kw)
+        else:
+            self.model, self.opt, _ = pe.make_private(**kw)
+        self.kind_wrapped = True
+
+    def step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast(DEV, dtype=torch.bfloat16) if self.precision == "bf16" else _null()
+        with ctx:
+            if self.mode.startswith("opacus"):
+                out = self.model(x)
+                shape = out.shape
+                if self.kind == "gpt2":
+                    out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+                if self.crit_opacus is not None:
+                    loss = self.crit_opacus(out.float(), y, **({"shape": shape} if self.kind == "gpt2" else {}))
+                else:
+                    loss = F.cross_entropy(out.float(), y)
+            else:
+                loss = loss_of(self.kind, self.model, x, y)
+        loss.backward()
+        self.opt.step()
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.detach()
+        self.model = self.opt = self.engine = None
+
+
+class OpacusWrap(torch.nn.Module):
+    def __init__(self, m, kind):
+        super().__init__()
+        self.m, self.kind = m, kind
+
+    def forward(self, x):
+        return (self.m(input_ids=x) if self.kind == "gpt2" else self.m(pixel_values=x)).logits
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def reset():
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
+
+
+def time_config(workload, mode, precision, steps, warmup) -> dict:
+    reset()
+    row = {"workload": workload, "mode": mode, "precision": precision}
+    s = None
+    try:
+        s = Setup(workload, mode, precision)
+        row["batch"] = s.batch
+        gen = torch.Generator(DEV).manual_seed(1)
+        batches = [make_batch(s.kind, s.batch, s.seq, gen, s.small) for _ in range(2)]
+        times = []
+        for i in range(warmup + steps):
+            x, y = batches[i % 2]
+            sync()
+            t0 = time.perf_counter()
+            s.step(x, y)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        row.update(step_s=med, samples_per_s=s.batch / med, peak_mem_gib=peak_gib(),
+                   step_s_all=times)
+    except Exception as e:  # record failures as findings
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        traceback.print_exc(limit=4)
+    finally:
+        if s is not None:
+            s.close()
+        del s
+    return row
+
+
+def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
+    """Largest batch that runs two steps: grow by 1.5x until failure (cap: cap_factor x nominal), then bisect."""
+    nominal = WORKLOADS[workload]["batch"]
+    reset()
+    s = Setup(workload, mode, precision)
+    gen = torch.Generator(DEV).manual_seed(2)
+
+    def fits(b):
+        try:
+            reset()
+            x, y = make_batch(s.kind, b, s.seq, gen, s.small)
+            for _ in range(2):
+                s.step(x, y)
+            sync()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            s.opt.zero_grad(set_to_none=True)
+            return False
+
+    lo, hi, b = 0, None, nominal
+    while b <= cap_factor * nominal:
+        if fits(b):
+            lo, b = b, int(b * 1.5)
+        else:
+            hi = b
+            break
+    if hi is not None:
+        for _ in range(4):
+            if hi - lo <= max(1, nominal // 16):
+                break
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    s.close()
+    del s
+    reset()
+    return {"workload": workload, "mode": mode, "precision": precision, "max_batch": lo,
+            "capped": hi is None, "cap": int(cap_factor * nominal)}
+
+
+def profile_config(workload, mode, precision, path):
+    """Top kernels by device time for a few steps of one configuration (appended to `path`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reset()
+    s = Setup(workload, mode, precision)
+    gen = torch.Generator(DEV).manual_seed(1)
+    x, y = make_batch(s.kind, s.batch, s.seq, gen, s.small)
+    for _ in range(3):
+        s.step(x, y)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            s.step(x, y)
+        sync()
+    s.close()
+    key = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"\n===== {workload} {precision} {mode} (3 steps)\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
+# ----------------------------------------------------------------------------------------- correctness
+def check_against_oracle() -> list[dict]:
+    import groupclip
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = []
+    for kind, seq in (("gpt2", 16), ("vit", 0)):
+        for groups in ("all-layer", "layer-wise"):
+            torch.manual_seed(0)
+            model = build_model(kind, seq, small=True).float()
+            ref = copy.deepcopy(model).double().cpu()
+            gen = torch.Generator(DEV).manual_seed(3)
+            x, y = make_batch(kind, 6, seq, gen, small=True)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                eng = groupclip.PrivacyEngine(model, opt, batch_size=6, sample_size=600, noise_multiplier=0.0,
+                                              max_grad_norm=1.0, clipping="automatic", groups=groups)
+            loss_of(kind, model, x, y).backward()
+            got = {n: p.grad.double().cpu() for n, p in model.named_parameters()}
+            eng.detach()
+            expect = _oracle(kind, ref, x.cpu() if kind == "gpt2" else x.double().cpu(), y.cpu(), groups, 6)
+            num = sum(((got[n] - expect[n]) ** 2).sum() for n in expect) ** 0.5
+            den = sum((expect[n] ** 2).sum() for n in expect) ** 0.5
+            rel = float(num / den)
+            out.append({"model": kind, "groups": groups, "rel_err": rel, "ok": rel <= 1e-3})
+            log("check", kind, groups, rel)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return out
+
+
+def _oracle(kind, model, x, y, groups, batch_size):
+    names = [n for n, _ in model.named_parameters()]
+    if groups == "all-layer":
+        gl = [names]
+    else:
+        owner = {}
+        for n in names:
+            owner.setdefault(n.rpartition(".")[0], []).append(n)
+        gl = list(owner.values())
+    ck = 1.0 / len(gl) ** 0.5
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_of_cpu(kind, model, x[i : i + 1], y[i : i + 1]).backward()
+        for g in gl:
+            norm = sum((params[n].grad ** 2).sum() for n in g) ** 0.5
+            for n in g:
+                total[n] += params[n].grad * ck / (norm + 0.01) / batch_size
+    return total
+
+
+def loss_of_cpu(kind, model, x, y):
+    if kind == "gpt2":
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+    return F.cross_entropy(model(pixel_values=x).logits, y)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--phases", default="check,time,maxbatch")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--profile-out", default="profile.txt", help="where the profile phase writes its tables")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script (with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    if args.tiny:
+        for w in WORKLOADS.values():
+            w.update(small=True, batch=4, seq=16 if w["seq"] else 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    phases = args.phases.split(",")
+    workloads, modes, precisions = args.workloads.split(","), args.modes.split(","), args.precisions.split(",")
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except ImportError:
+        opacus_version = None
+        modes = [m for m in modes if not m.startswith("opacus")]
+    import transformers
+
+    import groupclip
+
+    result = {
+        "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "groupclip": groupclip.__version__, "opacus": opacus_version,
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "tiny": args.tiny,
+        "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tf32": True,
+                     "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0},
+    }
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if "check" in phases:
+        result["check"] = check_against_oracle()
+        save()
+    if "time" in phases:
+        rows = []
+        for rnd in range(args.rounds):
+            for w in workloads:
+                for prec in precisions:
+                    for m in modes:
+                        if rnd > 0 and m.startswith("opacus") and any(
+                            "error" in r for r in rows if (r["workload"], r["mode"], r["precision"]) == (w, m, prec)
+                        ):
+                            continue  # a failure is recorded once
+                        r = time_config(w, m, prec, args.steps, args.warmup)
+                        r["round"] = rnd
+                        rows.append(r)
+                        log(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}))
+                        result["time"] = rows
+                        save()
+    if "profile" in phases:
+        for w in workloads:
+            for prec in precisions:
+                for m in modes:
+                    profile_config(w, m, prec, args.profile_out)
+    if "maxbatch" in phases:
+        rows = []
+        for w in workloads:
+            for prec in precisions:
+                for m in ("nonprivate", "groupclip-all-layer", "groupclip-layer-wise"):
+                    try:
+                        r = max_batch(w, m, prec)
+                    except Exception as e:
+                        r = {"workload": w, "mode": m, "precision": prec, "error": f"{type(e).__name__}: {e}"[:400]}
+                    rows.append(r)
+                    log(json.dumps(r))
+                    result["maxbatch"] = rows
+                    save()
+    print(summary(result))
+
+
+def summary(result) -> str:
+    lines = []
+    for c in result.get("check", []):
+        lines.append(f"check {c['model']:5s} {c['groups']:11s} rel_err={c['rel_err']:.2e} {'OK' if c['ok'] else 'FAIL'}")
+    rows = result.get("time", [])
+    base = {}
+    for r in rows:
+        if r["mode"] == "nonprivate" and "error" not in r:
+            base.setdefault((r["workload"], r["precision"], r["round"]), r)
+    lines.append(f"{'workload':10s} {'prec':5s} {'mode':22s} {'rnd':3s} {'samples/s':>10s} {'x speed':>8s} "
+                 f"{'peak GiB':>9s} {'x mem':>6s}")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} ERROR {r['error'][:70]}")
+            continue
+        b = base.get((r["workload"], r["precision"], r["round"]))
+        sp = r["samples_per_s"] / b["samples_per_s"] if b else float("nan")
+        mem = r["peak_mem_gib"] / b["peak_mem_gib"] if b else float("nan")
+        lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
+                     f"{r['samples_per_s']:10.1f} {sp:8.3f} {r['peak_mem_gib']:9.2f} {mem:6.3f}")
+    for r in result.get("maxbatch", []):
+        lines.append(f"maxbatch {r['workload']:10s} {r['precision']:5s} {r['mode']:22s} "
+                     f"{r.get('max_batch', r.get('error', ''))}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
