@@ -250,7 +250,6 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
             else:
                 hi = mid
     s.close()
-    del s
     reset()
     return {"workload": workload, "mode": mode, "precision": precision, "max_batch": lo,
             "capped": hi is None, "cap": int(cap_factor * nominal)}
@@ -435,7 +434,8 @@ def main():
 def summary(result) -> str:
     lines = []
     for c in result.get("check", []):
-        lines.append(f"check {c['model']:5s} {c['groups']:11s} rel_err={c['rel_err']:.2e} {'OK' if c['ok'] else 'FAIL'}")
+        verdict = "OK" if c["ok"] else "FAIL"
+        lines.append(f"check {c['model']:5s} {c['groups']:11s} rel_err={c['rel_err']:.2e} {verdict}")
     rows = result.get("time", [])
     base = {}
     for r in rows:
@@ -445,7 +445,8 @@ def summary(result) -> str:
                  f"{'peak GiB':>9s} {'x mem':>6s}")
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} ERROR {r['error'][:70]}")
+            lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
+                         f"ERROR {r['error'][:70]}")
             continue
         b = base.get((r["workload"], r["precision"], r["round"]))
         sp = r["samples_per_s"] / b["samples_per_s"] if b else float("nan")
