@@ -21,6 +21,8 @@ from groupclip.capture.context import StepState, Use
 from groupclip.capture.functions import LayerFn, Tap
 from groupclip.capture.units import Unit, batchify
 from groupclip.rules import EngineError
+from groupclip.rules.base import GRAMS
+from groupclip.rules.linear import CASTS
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,10 @@ class CaptureHub:
         if not out_slots:
             return out
         batch = st.batch_size if st.batch_size is not None else _first_batch_size(args, kwargs)
+        dev = out_leaves[out_slots[0]].device.type
         extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
-                 "out_slots": out_slots, "batch": batch if batch is not None else 1}
+                 "out_slots": out_slots, "batch": batch if batch is not None else 1,
+                 "autocast": (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None}
         st.count_forward(groups, [unit.params[n] for n in names])
         tapped = Tap.apply(
             self, unit, st, extra, len(out_slots), len(saved),
@@ -208,6 +212,8 @@ class CaptureHub:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        GRAMS.clear()
+        CASTS.clear()
         pending, self._pending = self._pending, []
         for st in pending:
             for g in st.pending():

@@ -86,10 +86,61 @@ def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
+class _TensorMemo:
+    """Results keyed by the identity of a live tensor (it holds a reference, so the address cannot be reused).
+
+    Small and most-recent-first: consecutive layers reading one input (q, k, v projections) share work.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.items: list[tuple[tuple, torch.Tensor, object]] = []
+
+    @staticmethod
+    def key(t: torch.Tensor, tag: object) -> tuple:
+        return (t.data_ptr(), t.shape, t.stride(), t.dtype, t._version, tag)
+
+    def get(self, t: torch.Tensor, tag: object):
+        k = self.key(t, tag)
+        for i, item in enumerate(self.items):
+            if item[0] == k:
+                self.items.insert(0, self.items.pop(i))
+                return item[2]
+        return None
+
+    def put(self, t: torch.Tensor, tag: object, value) -> None:
+        self.items.insert(0, (self.key(t, tag), t, value))
+        del self.items[self.size :]
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+GRAMS = _TensorMemo()
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample x yᵀ, (B,T,S). On a GPU an odd S gives a misaligned output and slow kernels: pad S to 8."""
+    s = y.shape[1]
+    if x.is_cuda and s % 8:
+        y = torch.nn.functional.pad(y, (0, 0, 0, 8 - s % 8))
+        return torch.bmm(x, y.transpose(1, 2))[:, :, :s]
+    return torch.bmm(x, y.transpose(1, 2))
+
+
+def self_gram(x: torch.Tensor) -> torch.Tensor:
+    """x xᵀ per sample, shared between layers that read the same input tensor."""
+    g = GRAMS.get(x, "gram")
+    if g is None:
+        g = _gram(x, x)
+        GRAMS.put(x, "gram", g)
+    return g
+
+
 def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:
     """Per-sample <G_u, G_v> = Σ_{t,s} (r_t·r'_s)(c_t·c'_s) without forming G. Returns (B,)."""
     cu, cv = common(u.cols, v.cols)
-    cc = torch.bmm(cu, cv.transpose(1, 2))
+    cc = self_gram(cu) if u is v else _gram(cu, cv)
     if u.row_index and v.row_index:
         rr = (u.rows[:, :, None] == v.rows[:, None, :]).to(cc.dtype)
     elif u.row_index:
@@ -98,7 +149,7 @@ def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:
         rr = u.rows.gather(2, v.rows[:, None, :].expand(-1, u.rows.shape[1], -1))
     else:
         ru, rv = common(u.rows, v.rows)
-        rr = torch.bmm(ru, rv.transpose(1, 2))
+        rr = self_gram(ru) if u is v else _gram(ru, rv)
     rr, cc = common(rr, cc)
     dt = acc_dtype(rr, cc)
     return (rr.to(dt) * cc.to(dt)).sum(dim=(1, 2))

@@ -9,6 +9,8 @@ Dropout inside such a module is re-drawn in that re-run, so use it with dropout 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -34,6 +36,9 @@ class GenericRule(Rule):
     name = "generic"
     in_function = False
 
+    def __init__(self) -> None:
+        self._expand_frozen: set[int] = set()  # units whose re-run needs every weight batched
+
     def supports(self, module):
         return True
 
@@ -49,10 +54,11 @@ class GenericRule(Rule):
         out_slots = use.extra["out_slots"]
         grads = use.grad_out
         batched = [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b for v in leaves]
-        # every parameter enters vmap expanded along the batch (a view): some kernels (e.g. the float64 RNN
-        # path) write in place and refuse unbatched weights next to batched inputs
-        frozen = {n: p.detach().expand(b, *p.shape) for n, p in unit.module.named_parameters()
-                  if n not in names}
+        # the clipped parameters enter vmap expanded along the batch (a view): some kernels (e.g. the float64
+        # RNN path) write in place and refuse unbatched weights next to batched inputs. The others stay
+        # unbatched so that, e.g., a convolution inside the module still runs as one batched kernel.
+        frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in names}
+        expand_frozen = id(unit) in self._expand_frozen
         primals = {n: unit.params[n].detach().expand(b, *unit.params[n].shape) for n in names}
         module, qualname = unit.module, unit.qualname
 
@@ -84,9 +90,24 @@ class GenericRule(Rule):
             ps = {n: torch.zeros((b, *unit.params[n].shape), dtype=unit.params[n].dtype,
                                  device=unit.params[n].device) for n in names}
         else:
-            with bypass():
-                idx = torch.arange(b, device=grads_device(grads))
-                ps = vmap(grad(sample_loss), in_dims=0, randomness="different")(primals, frozen, idx, *vals)
+            autocast = use.extra.get("autocast")
+            amp = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
+            idx = torch.arange(b, device=grads_device(grads))
+
+            def run(expand: bool):
+                fixed = {n: t.expand(b, *t.shape) for n, t in frozen.items()} if expand else frozen
+                dims = (0, 0 if expand else None, 0, *[0] * len(vals))
+                with bypass(), amp:
+                    return vmap(grad(sample_loss), in_dims=dims, randomness="different")(primals, fixed, idx, *vals)
+
+            try:
+                ps = run(expand_frozen)
+            except RuntimeError:
+                if expand_frozen or not frozen:
+                    raise
+                # some kernels (the float64 RNN path) refuse unbatched weights next to batched inputs
+                self._expand_frozen.add(id(unit))
+                ps = run(True)
         use.cache["ps"] = ps
         return ps
 

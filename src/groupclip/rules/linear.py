@@ -9,7 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupclip.capture.context import Use
-from groupclip.rules.base import Factors, Rule, acc_dtype, common, ghost_inner, param_dtype_like, prefer_ghost
+from groupclip.rules.base import (
+    Factors,
+    Rule,
+    _TensorMemo,
+    acc_dtype,
+    common,
+    ghost_inner,
+    param_dtype_like,
+    prefer_ghost,
+)
+
+CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
 
 
 def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -30,10 +41,15 @@ class LinearRule(Rule):
     def forward(self, module, x, names, x_grad):
         w = self._weight(module)
         if torch.is_autocast_enabled(x.device.type):
-            # keep the low-precision copy autocast would make anyway, not the wider input
+            # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
+            # the same input (q, k, v) share one copy, which also lets them share its Gram matrix
             dt = torch.get_autocast_dtype(x.device.type)
             if x.is_floating_point() and x.dtype != dt:
-                x = x.to(dt)
+                cast = CASTS.get(x, dt)
+                if cast is None:
+                    cast = x.to(dt)
+                    CASTS.put(x, dt, cast)
+                x = cast
         out = F.linear(x, w, module.bias)
         keep_x = x if "weight" in names else None
         return out, (keep_x, w), {}

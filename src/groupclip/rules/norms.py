@@ -90,8 +90,31 @@ class _NormRule(Rule):
 
 
 class LayerNormRule(_NormRule):
+    """LayerNorm keeps the forward's mean and 1/std, so its input gradient is PyTorch's fused kernel."""
+
     name = "layer_norm"
     modules = (nn.LayerNorm,)
+
+    def forward(self, module, x, names, x_grad):
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
+            x = x.float()  # autocast runs layer_norm in float32
+        w, b = module.weight, module.bias
+        if w is not None and w.dtype != x.dtype:
+            w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
+        out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, w, b, module.eps)
+        return out, (x, w, b, mean, rstd), {}
+
+    def input_grad(self, module, use, needs):
+        if not needs:
+            return None
+        x, w, b, mean, rstd = use.saved
+        g = use.grad_out if use.grad_out.dtype == x.dtype else use.grad_out.to(x.dtype)
+        return torch.ops.aten.native_layer_norm_backward(
+            g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
+
+    def _xhat(self, use, with_grad_to=None):
+        x, _, _, mean, rstd = use.saved
+        return (x - mean) * rstd
 
     def full(self, m, x):
         return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
