@@ -273,6 +273,12 @@ def profile_config(workload, mode, precision, path):
         sync()
     s.close()
     key = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
+    events = []
+    for e in prof.key_averages():
+        dev_t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        events.append({"name": e.key, "calls": e.count, "self_device_us": dev_t, "self_cpu_us": e.self_cpu_time_total})
+    with open(path + ".jsonl", "a") as f:
+        f.write(json.dumps({"workload": workload, "precision": precision, "mode": mode, "events": events}) + "\n")
     with open(path, "a") as f:
         f.write(f"\n===== {workload} {precision} {mode} (3 steps)\n")
         f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
