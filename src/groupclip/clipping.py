@@ -114,35 +114,44 @@ class Clipper:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.groups, self.kind, self.batch_size = groups, kind, batch_size
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
-
-    def _scale(self, use: Use) -> float:
-        return float(use.batch_size) if self.loss_reduction == "mean" else 1.0
+        self._members = [{id(p) for p in ps} for ps in groups.params]
 
     def __call__(self, k: int, uses: list[Use]) -> None:
-        params = self.groups.params[k]
-        batch = {u.batch_size for u in uses}
-        if len(batch) != 1:
+        batch = uses[0].batch_size
+        if any(u.batch_size != batch for u in uses):
             raise EngineError(
-                f"group {self.groups.names[k]} was used with batches of sizes {sorted(batch)} in one backward "
-                "pass; per-sample clipping needs one batch per backward."
+                f"group {self.groups.names[k]} was used with batches of sizes {sorted({u.batch_size for u in uses})} "
+                "in one backward pass; per-sample clipping needs one batch per backward."
             )
-        by_param = []  # (param, [(use, local name)])
-        for p in params:
-            pu = [(u, n) for u in uses for n in u.names if u.unit.params[n] is p]
-            if pu:
-                by_param.append((p, pu))
+        members = self._members[k]
+        by_param: dict[int, tuple[nn.Parameter, list[tuple[Use, str]]]] = {}
+        for u in uses:
+            for n in u.names:
+                p = u.unit.params[n]
+                if id(p) not in members:
+                    continue  # the use also carries parameters of other groups
+                entry = by_param.get(id(p))
+                if entry is None:
+                    by_param[id(p)] = (p, [(u, n)])
+                else:
+                    entry[1].append((u, n))
         if not by_param:
             return
         norm2 = None
-        for _, pu in by_param:
+        for _, pu in by_param.values():
             contrib = self._param_norm2(pu)
             norm2 = contrib if norm2 is None else norm2 + contrib
-        factor = clip_factor(self.kind, norm2.clamp_min(0).sqrt(), self.groups.thresholds[k],
-                             self.gamma, self.psac_r) / self.batch_size
-        for p, pu in by_param:
+        # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        norm = norm2.clamp_min(0).sqrt()
+        if scale != 1.0:
+            norm = norm.mul_(scale)
+        coef = clip_factor(self.kind, norm, self.groups.thresholds[k], self.gamma, self.psac_r)
+        coef = coef.mul_(scale / self.batch_size)
+        for p, pu in by_param.values():
             total = None
             for u, n in pu:
-                g = u.unit.rule.clipped_sum(u, factor * self._scale(u), n)
+                g = u.unit.rule.clipped_sum(u, coef, n)
                 total = g if total is None else total + g
             if p.grad is None:
                 p.grad = total.contiguous()
@@ -161,19 +170,18 @@ class Clipper:
         if len(pu) == 1:
             u, n = pu[0]
             cached = u.cache.get("n2", {})
-            n2 = cached[n] if n in cached else u.unit.rule.norms2(u, (n,))[n]
-            return n2 * self._scale(u) ** 2
+            return cached[n] if n in cached else u.unit.rule.norms2(u, (n,))[n]
         # one tensor, several uses (tied weights, a layer called twice): ‖Σ_u G_u‖² with cross terms
         facs = [u.unit.rule.factors(u, n) for u, n in pu]
         if all(f is not None for f in facs):
             total = 0
             for a in range(len(pu)):
                 for b in range(a, len(pu)):
-                    w = (1.0 if a == b else 2.0) * self._scale(pu[a][0]) * self._scale(pu[b][0])
-                    total = total + w * ghost_inner(facs[a], facs[b])
+                    inner = ghost_inner(facs[a], facs[b])
+                    total = total + (inner if a == b else 2.0 * inner)
             return total
         summed = None
         for u, n in pu:
-            g = u.unit.rule.per_sample(u, n) * self._scale(u)
+            g = u.unit.rule.per_sample(u, n)
             summed = g if summed is None else summed + g.to(summed.dtype)
         return summed.to(acc_dtype(summed)).pow(2).flatten(1).sum(1)

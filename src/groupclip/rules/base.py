@@ -119,13 +119,33 @@ class _TensorMemo:
 GRAMS = _TensorMemo()
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def bmm_acc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batched product with a float32 (or wider) result, so norms are never rounded to 16 bits."""
+    if x.dtype in _LOW:
+        if x.is_cuda:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        return torch.bmm(x.float(), y.float())
+    return torch.bmm(x, y)
+
+
+def mm_into(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a @ b in the dtype of `like` (the parameter), without a separate cast where the GPU can avoid it."""
+    if a.dtype in _LOW and like.dtype == torch.float32 and a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    out = a @ b
+    return out if out.dtype == like.dtype else out.to(like.dtype)
+
+
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample x yᵀ, (B,T,S). On a GPU an odd S gives a misaligned output and slow kernels: pad S to 8."""
     s = y.shape[1]
     if x.is_cuda and s % 8:
         y = torch.nn.functional.pad(y, (0, 0, 0, 8 - s % 8))
-        return torch.bmm(x, y.transpose(1, 2))[:, :, :s]
-    return torch.bmm(x, y.transpose(1, 2))
+        return bmm_acc(x, y.transpose(1, 2))[:, :, :s]
+    return bmm_acc(x, y.transpose(1, 2))
 
 
 def self_gram(x: torch.Tensor) -> torch.Tensor:
@@ -144,15 +164,15 @@ def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:
     if u.row_index and v.row_index:
         rr = (u.rows[:, :, None] == v.rows[:, None, :]).to(cc.dtype)
     elif u.row_index:
-        rr = v.rows.gather(2, u.rows[:, None, :].expand(-1, v.rows.shape[1], -1)).transpose(1, 2)
+        rr = v.rows.gather(2, u.rows[:, None, :].expand(-1, v.rows.shape[1], -1)).transpose(1, 2).to(cc.dtype)
     elif v.row_index:
-        rr = u.rows.gather(2, v.rows[:, None, :].expand(-1, u.rows.shape[1], -1))
+        rr = u.rows.gather(2, v.rows[:, None, :].expand(-1, u.rows.shape[1], -1)).to(cc.dtype)
     else:
         ru, rv = common(u.rows, v.rows)
         rr = self_gram(ru) if u is v else _gram(ru, rv)
-    rr, cc = common(rr, cc)
-    dt = acc_dtype(rr, cc)
-    return (rr.to(dt) * cc.to(dt)).sum(dim=(1, 2))
+    if rr.dtype != cc.dtype:
+        rr, cc = rr.double(), cc.double()
+    return (rr * cc).sum(dim=(1, 2))
 
 
 #: FLOPs a GPU does in the time it moves one byte of memory, times the 3 passes over an instantiated G_i.

@@ -16,6 +16,7 @@ from groupclip.rules.base import (
     acc_dtype,
     common,
     ghost_inner,
+    mm_into,
     param_dtype_like,
     prefer_ghost,
 )
@@ -39,7 +40,7 @@ class LinearRule(Rule):
         return w.t() if self.transposed else w
 
     def forward(self, module, x, names, x_grad):
-        w = self._weight(module)
+        w, b = self._weight(module), module.bias
         if torch.is_autocast_enabled(x.device.type):
             # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
             # the same input (q, k, v) share one copy, which also lets them share its Gram matrix
@@ -50,7 +51,9 @@ class LinearRule(Rule):
                     cast = x.to(dt)
                     CASTS.put(x, dt, cast)
                 x = cast
-        out = F.linear(x, w, module.bias)
+            # cast the weight once here and keep that copy for the input gradient (autocast would cast it too)
+            w, b = w.to(dt), (None if b is None else b.to(dt))
+        out = F.linear(x, w, b)
         keep_x = x if "weight" in names else None
         return out, (keep_x, w), {}
 
@@ -111,7 +114,7 @@ class LinearRule(Rule):
             r = r * coef.to(r.dtype)[:, None, None]
         else:
             c = c * coef.to(c.dtype)[:, None, None]
-        return param_dtype_like(r.flatten(0, 1).t() @ c.flatten(0, 1), p)
+        return mm_into(r.flatten(0, 1).t(), c.flatten(0, 1), p)
 
 
 class HFConv1DRule(LinearRule):
