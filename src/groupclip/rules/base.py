@@ -68,6 +68,18 @@ class Rule:
         return None
 
 
+def sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norms of (B, ...) in float32 or wider, in one reduction pass."""
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=dt).square()
+
+
+def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype."""
+    flat = ps.reshape(ps.shape[0], -1)
+    return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
+
+
 def param_dtype_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == p.dtype else t.to(p.dtype)
 
@@ -139,13 +151,27 @@ def mm_into(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample x yᵀ, (B,T,S). On a GPU an odd S gives a misaligned output and slow kernels: pad S to 8."""
+def _pad_dim(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad `dim` to a multiple of 8 (one concatenation kernel)."""
+    extra = -t.shape[dim] % 8
+    if not extra:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat((t, t.new_zeros(shape)), dim)
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
+    """Per-sample x yᵀ, (B,T,S). On a GPU, sizes that are not multiples of 8 (T=197 tokens, a 50257-word
+    vocabulary) give misaligned operands and slow kernels: zero-pad them (zeros add nothing to the Gram)."""
+    if not (x.is_cuda if pad is None else pad):
+        return bmm_acc(x, y.transpose(1, 2))
     s = y.shape[1]
-    if x.is_cuda and s % 8:
-        y = torch.nn.functional.pad(y, (0, 0, 0, 8 - s % 8))
-        return bmm_acc(x, y.transpose(1, 2))[:, :, :s]
-    return bmm_acc(x, y.transpose(1, 2))
+    same = x is y
+    x = _pad_dim(x, 2)
+    y = x if same else _pad_dim(y, 2)
+    y = _pad_dim(y, 1)
+    return bmm_acc(x, y.transpose(1, 2))[:, :, :s]
 
 
 def self_gram(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupclip.capture.context import Use
-from groupclip.rules.base import Factors, Rule, acc_dtype, common, ghost_inner, param_dtype_like, prefer_ghost
+from groupclip.rules.base import (
+    Factors,
+    Rule,
+    acc_dtype,
+    coef_sum,
+    common,
+    ghost_inner,
+    param_dtype_like,
+    prefer_ghost,
+    sq_norms,
+)
 
 _FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
@@ -104,7 +114,7 @@ class ConvRule(Rule):
         out = {}
         for name in names:
             if name == "bias":
-                out[name] = self._bias_ps(use).pow(2).sum(1)
+                out[name] = sq_norms(self._bias_ps(use))
                 continue
             rows, cols = self._grouped(use)
             t, r, c = rows.shape[1], rows.shape[3], cols.shape[3]
@@ -115,18 +125,15 @@ class ConvRule(Rule):
                     total = total + ghost_inner(f, f)
                 out[name] = total
             else:
-                g_ps = self.per_sample(use, name)
-                out[name] = g_ps.to(acc_dtype(g_ps)).pow(2).flatten(1).sum(1)
+                out[name] = sq_norms(self.per_sample(use, name))
         return out
 
     def clipped_sum(self, use, coef, name):
         p = use.unit.params[name]
         if name == "bias":
-            gb = self._bias_ps(use)
-            return param_dtype_like(coef.to(gb.dtype) @ gb, p)
+            return coef_sum(coef, self._bias_ps(use), p)
         if "G" in use.cache:
-            g_ps = use.cache["G"]
-            return param_dtype_like(torch.einsum("b,b...->...", coef.to(g_ps.dtype), g_ps), p)
+            return coef_sum(coef, use.cache["G"], p)
         rows, cols = self._grouped(use)
         rows = rows * coef.to(rows.dtype)[:, None, None, None]
         return param_dtype_like(torch.einsum("blgo,blgk->gok", rows, cols).reshape(p.shape), p)

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from groupclip.capture.context import Use
-from groupclip.rules.base import EngineError, Rule, acc_dtype, param_dtype_like
+from groupclip.rules.base import EngineError, Rule, coef_sum, sq_norms
 
 
 def _batch_dim(full: torch.Size, one: torch.Size, batch: int) -> int | None:
@@ -113,11 +113,10 @@ class GenericRule(Rule):
 
     def norms2(self, use, names):
         ps = use.cache["ps"]
-        return {n: ps[n].to(acc_dtype(ps[n])).pow(2).flatten(1).sum(1) for n in names}
+        return {n: sq_norms(ps[n]) for n in names}
 
     def per_sample(self, use, name):
         return use.cache["ps"][name]
 
     def clipped_sum(self, use, coef, name):
-        ps = use.cache["ps"][name]
-        return param_dtype_like(torch.einsum("b,b...->...", coef.to(ps.dtype), ps), use.unit.params[name])
+        return coef_sum(coef, use.cache["ps"][name], use.unit.params[name])

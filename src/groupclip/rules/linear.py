@@ -14,11 +14,12 @@ from groupclip.rules.base import (
     Rule,
     _TensorMemo,
     acc_dtype,
+    coef_sum,
     common,
     ghost_inner,
     mm_into,
-    param_dtype_like,
     prefer_ghost,
+    sq_norms,
 )
 
 CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
@@ -90,24 +91,22 @@ class LinearRule(Rule):
         out = {}
         for name in names:
             if name == "bias":
-                out[name] = self._bias_ps(use).pow(2).sum(1)
+                out[name] = sq_norms(self._bias_ps(use))
                 continue
             f = self.factors(use, name)
             b, t, r = f.rows.shape
             if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
                 out[name] = ghost_inner(f, f)
             else:
-                g_ps = self.per_sample(use, name)
-                out[name] = g_ps.to(acc_dtype(g_ps)).pow(2).sum((1, 2))
+                out[name] = sq_norms(self.per_sample(use, name))
         return out
 
     def clipped_sum(self, use, coef, name):
         p = use.unit.params[name]
         if name == "bias":
-            return param_dtype_like(coef.to(self._bias_ps(use).dtype) @ self._bias_ps(use), p)
+            return coef_sum(coef, self._bias_ps(use), p)
         if "G" in use.cache:
-            g_ps = use.cache["G"]
-            return param_dtype_like(torch.einsum("b,brc->rc", coef.to(g_ps.dtype), g_ps), p)
+            return coef_sum(coef, use.cache["G"], p)
         f = self.factors(use, name)
         r, c = common(f.rows, f.cols)
         if r.shape[2] <= c.shape[2]:

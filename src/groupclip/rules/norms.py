@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from groupclip.rules.base import EngineError, Rule, acc_dtype, param_dtype_like
+from groupclip.rules.base import EngineError, Rule, acc_dtype, coef_sum, sq_norms
 
 
 class _NormRule(Rule):
@@ -79,14 +79,13 @@ class _NormRule(Rule):
         return use.cache[key]
 
     def norms2(self, use, names):
-        return {n: self._ps(use, n).pow(2).flatten(1).sum(1) for n in names}
+        return {n: sq_norms(self._ps(use, n)) for n in names}
 
     def per_sample(self, use, name):
         return self._ps(use, name)
 
     def clipped_sum(self, use, coef, name):
-        ps = self._ps(use, name)
-        return param_dtype_like(torch.einsum("b,b...->...", coef.to(ps.dtype), ps), use.unit.params[name])
+        return coef_sum(coef, self._ps(use, name), use.unit.params[name])
 
 
 class LayerNormRule(_NormRule):
