@@ -16,6 +16,15 @@ def test_padded_gram_equals_plain():
     torch.testing.assert_close(base._gram(x, x, pad=True), x @ x.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
+def test_chunked_gram_equals_plain(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 45, dtype=torch.float64, generator=g)
+    y = torch.randn(2, 5, 45, dtype=torch.float64, generator=g)
+    monkeypatch.setattr(base, "CHUNK_BYTES", 0)
+    torch.testing.assert_close(base._gram(x, y, pad=True), x @ y.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(base._chunked_gram(x, x, width=16), x @ x.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 def test_sq_norms_and_coef_sum_match_definitions():
     g = torch.Generator().manual_seed(1)
     ps = torch.randn(5, 4, 3, dtype=torch.float64, generator=g)

@@ -69,6 +69,7 @@ class CaptureHub:
         self._handles: list[Any] = []
         self._pending: list[StepState] = []
         self._callback_queued = False
+        self._group_memo: dict[tuple, set[int]] = {}
 
     # ---------------------------------------------------------------- install / remove
     def install(self) -> None:
@@ -127,8 +128,13 @@ class CaptureHub:
         return self.state
 
     def _groups(self, unit: Unit, names: tuple[str, ...]) -> set[int]:
+        key = (id(unit), names)
+        found = self._group_memo.get(key)
+        if found is not None:
+            return found
         try:
-            return {self.group_of[id(unit.params[n])] for n in names}
+            found = self._group_memo[key] = {self.group_of[id(unit.params[n])] for n in names}
+            return found
         except KeyError:
             bad = [unit.global_names[n] for n in names if id(unit.params[n]) not in self.group_of]
             raise EngineError(

@@ -167,11 +167,30 @@ def _gram(x: torch.Tensor, y: torch.Tensor, pad: bool | None = None) -> torch.Te
     if not (x.is_cuda if pad is None else pad):
         return bmm_acc(x, y.transpose(1, 2))
     s = y.shape[1]
+    if x.shape[2] % 8 and x.numel() * x.element_size() > CHUNK_BYTES:
+        return _chunked_gram(x, y)
     same = x is y
     x = _pad_dim(x, 2)
     y = x if same else _pad_dim(y, 2)
     y = _pad_dim(y, 1)
     return bmm_acc(x, y.transpose(1, 2))[:, :, :s]
+
+
+#: Above this size a misaligned contraction (an output gradient over a 50257-word vocabulary) is not padded
+#: in one copy, which would add a full extra copy at the backward's memory peak, but in aligned chunks.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunked_gram(x: torch.Tensor, y: torch.Tensor, width: int = 4096) -> torch.Tensor:
+    same = x is y
+    out = None
+    for j in range(0, x.shape[2], width):
+        xc = _pad_dim(x[:, :, j : j + width].contiguous(), 2)
+        yc = xc if same else _pad_dim(y[:, :, j : j + width].contiguous(), 2)
+        yc = _pad_dim(yc, 1)
+        part = bmm_acc(xc, yc.transpose(1, 2))
+        out = part if out is None else out.add_(part)
+    return out[:, :, : y.shape[1]]
 
 
 def self_gram(x: torch.Tensor) -> torch.Tensor:
