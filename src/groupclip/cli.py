@@ -54,7 +54,7 @@ def _add_epsilon(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, help="number of training steps")
     p.add_argument("--batch-size", type=_positive_int, help="expected batch size B (q = B / N)")
     p.add_argument("--sample-size", type=_positive_int, help="dataset size N")
-    p.add_argument("--epochs", type=float, help="epochs E (steps = ceil(E / q))")
+    p.add_argument("--epochs", type=float, help="epochs E (steps = ceil(E * round(1/q)), as the engine counts)")
     p.add_argument("--delta", type=float, help="delta (default with --sample-size: min(1e-5, 1/(10 N)))")
     p.add_argument("--method", choices=["rdp", "pld", "both"], default="both", help="accountant (default both)")
     p.set_defaults(func=_run_epsilon)
@@ -73,7 +73,7 @@ def _rate_and_steps(args: argparse.Namespace) -> tuple[float, int]:
         if not 0 < args.epochs < math.inf:
             raise UsageError(f"--epochs must be positive, got {args.epochs:g}")
         q = args.batch_size / args.sample_size
-        return q, max(1, math.ceil(args.epochs / q))
+        return q, accounting.steps_for_epochs(args.epochs, q)
     if args.sample_rate is None or args.steps is None:
         raise UsageError("give --sample-rate and --steps (or --batch-size, --sample-size and --epochs)")
     return args.sample_rate, args.steps

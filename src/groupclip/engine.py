@@ -69,14 +69,18 @@ class PrivacyEngine:
         self.batch_size, self.sample_size = batch_size, sample_size
         self.sample_rate = batch_size / sample_size
         self.max_physical_batch_size = max_physical_batch_size
+        if accountant not in accounting.METHODS:
+            raise ValueError(f"unknown accountant {accountant!r}; use one of {', '.join(accounting.METHODS)}")
         self.accountant_method = accountant
         if steps is None and epochs is not None:
-            if epochs <= 0:
-                raise ValueError(f"epochs must be > 0, got {epochs}")
-            steps = max(1, math.ceil(epochs / self.sample_rate))
-        if steps is not None and (int(steps) != steps or steps < 1):
-            raise ValueError(f"steps must be a positive int, got {steps}")
-        self.planned_steps = steps
+            if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < math.inf:
+                raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+            # One epoch is as many logical batches as one pass of engine.data_loader: round(1/q) of them, so
+            # a loop over `epochs` passes of the loader takes exactly the steps the noise is calibrated for.
+            steps = accounting.steps_for_epochs(epochs, self.sample_rate)
+        if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        self.planned_steps = None if steps is None else int(steps)
         self.delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
         if not 0 < self.delta < 1:
             raise ValueError(f"target_delta must be in (0, 1), got {self.delta}")
@@ -86,11 +90,16 @@ class PrivacyEngine:
         if target_epsilon is not None:
             if steps is None:
                 raise ValueError("target_epsilon needs the training length: give epochs= or steps=")
-            noise_multiplier = accounting.noise_multiplier(
-                epsilon=target_epsilon, delta=self.delta, sample_rate=self.sample_rate, steps=steps,
-                method=accountant)
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+            if not 0 < target_epsilon < math.inf:
+                raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+            try:
+                noise_multiplier = accounting.noise_multiplier(
+                    epsilon=target_epsilon, delta=self.delta, sample_rate=self.sample_rate, steps=int(steps),
+                    method=accountant)
+            except ValueError as e:
+                raise ValueError(f"target_epsilon={target_epsilon:g} cannot be calibrated: {e}") from None
+        if not 0 <= noise_multiplier < math.inf:
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: gradients are clipped but no noise is added; this run is not "
                           "private (no differential privacy guarantee)", stacklevel=2)
@@ -108,6 +117,9 @@ class PrivacyEngine:
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
         self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step)
         self._loaders: list = []
+        self._sampling_generator: torch.Generator | None = None
+        self._pending_loader_states: list[dict] = []  # loader states loaded before their loader was created
+        self._step_due: int | None = None  # engine.steps expected before the next chunk (a logical batch ended)
         self.hub.install()
         self.dp_step.install()
         self._attached = True
@@ -155,24 +167,50 @@ class PrivacyEngine:
 
     def data_loader(self, dataset, generator: torch.Generator | None = None, **kwargs):
         """A Poisson-sampled loader (rate q = batch_size / sample_size), split into physical batches of at
-        most `max_physical_batch_size` with exactly one optimizer step per logical batch."""
+        most `max_physical_batch_size` with exactly one optimizer step per logical batch.
+
+        Every logical batch, even an empty one (its tensors have leading dimension 0), needs exactly one
+        `optimizer.step()`: for an empty batch either skip forward/backward (keep zero_grad and step) or run
+        them on the 0-sized batch; the step then adds noise only. A logical batch that ends without a step
+        raises EngineError when the next batch is drawn, since the accountant counts one step per batch.
+        """
         from groupclip.data import PoissonDataLoader
 
         if len(dataset) != self.sample_size:
             raise ValueError(f"dataset has {len(dataset)} samples but the engine was built with "
                              f"sample_size={self.sample_size}; the sampling rate would be wrong")
         if generator is None:
-            generator = torch.Generator().manual_seed(self.noise.seed ^ 0x5EED)
+            # one sampling generator per engine: every loader it makes continues the same random stream, so
+            # calling data_loader() again (e.g. once per epoch) never repeats the batches
+            if self._sampling_generator is None:
+                self._sampling_generator = torch.Generator().manual_seed(self.noise.seed ^ 0x5EED)
+            generator = self._sampling_generator
         loader = PoissonDataLoader(dataset, self.sample_rate, generator=generator,
                                    max_physical_batch_size=self.max_physical_batch_size,
                                    on_chunk=self._on_chunk, **kwargs)
+        if self._pending_loader_states:  # load_state_dict ran before this loader was created
+            loader.load_state_dict(self._pending_loader_states.pop(0))
         self._loaders.append(loader)
         return loader
 
     def _on_chunk(self, is_last: bool, logical_batch_size: int) -> None:
+        if self._step_due is not None and self.steps < self._step_due:
+            self._step_due = None
+            raise EngineError(
+                "the previous logical batch ended without optimizer.step(). Call optimizer.step() once for "
+                "every batch of engine.data_loader, also for an empty one (skip forward/backward if you like, "
+                "the step then adds noise only): the accountant counts one step per batch, and skipping the "
+                "step of an empty batch would reveal that it was empty."
+            )
         self.dp_step.skip_next = not is_last
+        self._step_due = self.steps + 1 if is_last else None
 
     def state_dict(self) -> dict:
+        """Steps taken (accountant history), noise and sampler generator states, σ and thresholds.
+
+        Save it together with the model's and optimizer's state_dict between logical batches; the loaders
+        are those made by `data_loader`, in order of creation.
+        """
         return {
             "accountant": self.accountant.state_dict(),
             "noise": self.noise.state_dict(),
@@ -182,13 +220,24 @@ class PrivacyEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`. Loaders made by `data_loader` before or after this call resume too."""
+        thresholds = [float(c) for c in state["thresholds"]]
+        if len(thresholds) != len(self.groups.thresholds):
+            raise ValueError(f"the saved state has {len(thresholds)} clipping thresholds but this engine has "
+                             f"{len(self.groups.thresholds)} groups: build the engine with the same groups")
         self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])
-        self.noise_multiplier = state["noise_multiplier"]
+        self.noise_multiplier = float(state["noise_multiplier"])
         self.noise.noise_multiplier = self.noise_multiplier
-        self.groups.thresholds = list(state["thresholds"])
-        for ld, s in zip(self._loaders, state.get("loaders", []), strict=False):
+        self.groups.thresholds = thresholds
+        # the noise follows the sensitivity sqrt(Σ C_k²) of the loaded thresholds
+        self.max_grad_norm = self.noise.sensitivity = self.groups.sensitivity
+        loader_states = list(state.get("loaders", []))
+        for ld, s in zip(self._loaders, loader_states, strict=False):
             ld.load_state_dict(s)
+        self._pending_loader_states = loader_states[len(self._loaders):]
+        self._step_due = None
+        self.dp_step.skip_next = self.dp_step.accumulating = False
 
     def detach(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Return model and optimizer to plain PyTorch."""

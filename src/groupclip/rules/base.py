@@ -71,12 +71,12 @@ class Rule:
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample squared norms of (B, ...) in float32 or wider, in one reduction pass."""
     dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=dt).square()
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=dt).square()
 
 
 def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype."""
-    flat = ps.reshape(ps.shape[0], -1)
+    flat = ps.flatten(1)
     return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
 
 

@@ -80,12 +80,13 @@ class ConvRule(Rule):
         """rows (B, L, G, out/G) and cols (B, L, G, in/G·K), cached."""
         if "rc" not in use.cache:
             m = use.unit.module
-            b, gr = use.batch_size, m.groups
+            gr = m.groups
             cols = patches(m, use.saved[0])
             g = use.grad_out
-            rows = g.reshape(b, g.shape[1], -1).transpose(1, 2)
+            rows = g.flatten(2).transpose(1, 2)
             rows, cols = common(rows, cols)
-            use.cache["rc"] = (rows.reshape(b, rows.shape[1], gr, -1), cols.reshape(b, cols.shape[1], gr, -1))
+            use.cache["rc"] = (rows.unflatten(2, (gr, rows.shape[2] // gr)),
+                               cols.unflatten(2, (gr, cols.shape[2] // gr)))
         return use.cache["rc"]
 
     def factors(self, use, name):
@@ -106,7 +107,7 @@ class ConvRule(Rule):
     def _bias_ps(self, use):
         if "gb" not in use.cache:
             g = use.grad_out
-            g = g.reshape(g.shape[0], g.shape[1], -1)
+            g = g.flatten(2)
             use.cache["gb"] = g.sum(2, dtype=acc_dtype(g))
         return use.cache["gb"]
 

@@ -39,7 +39,7 @@ class EmbeddingRule(Rule):
         if "cols" not in use.cache:
             idx, g = use.saved[0], use.grad_out
             b, d = idx.shape[0], g.shape[-1]
-            idx = idx.reshape(b, -1)
+            idx = idx.flatten(1) if idx.dim() > 1 else idx[:, None]
             g = g.reshape(b, idx.shape[1], d)
             pad = use.unit.module.padding_idx
             if pad is not None:
