@@ -6,8 +6,8 @@ The loop the engine supports for an EMPTY Poisson batch (leading dimension 0) is
   * run forward/backward on the 0-sized batch (a mean loss is then NaN; the clipped sum over zero samples is
     zero, so p.grad must be 0, never NaN).
 Either way exactly one (noise-only) optimizer step is taken per logical batch, so engine.steps equals the
-number of logical batches. A logical batch that ends without a step is refused (EngineError). The first
-way works for any model; the second is xfail for now (ZERO_SIZED_BUG below).
+number of logical batches. A logical batch that ends without a step is refused (EngineError). Both ways
+are tested on every layer kind below.
 
 Tiny float64 models and TensorDatasets keep the whole file at a few seconds.
 """
@@ -25,14 +25,6 @@ import groupclip
 from groupclip import EngineError
 
 N, B = 60, 8  # q = 8/60; one loader epoch = round(1/q) = 8 logical batches
-
-# Known gap, reported to the lead: forward/backward on a 0-sized batch raises in the layer rules
-# (rules/base.py sq_norms, rules/conv.py _grouped and rules/embedding.py _cols call reshape(b, ..., -1),
-# which PyTorch refuses for b = 0; flatten(1) / flatten(2) would not). Plain PyTorch gives p.grad = 0 there.
-# Until fixed, the loop to use is "skip forward/backward, keep zero_grad() and step()" (tested without mark).
-ZERO_SIZED_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=False, reason="layer rules reshape(b, -1) fails for b = 0 (reported)")
-
 
 @pytest.fixture(autouse=True)
 def _quiet_zero_noise():
@@ -155,7 +147,7 @@ EMPTY_N, EMPTY_B = 40, 1
 
 
 @pytest.mark.parametrize("mpb", [None, 2])
-@pytest.mark.parametrize("empty", ["skip", pytest.param("forward", marks=ZERO_SIZED_BUG)])
+@pytest.mark.parametrize("empty", ["skip", "forward"])
 def test_empty_batches_in_a_training_loop(empty, mpb):
     model, opt, engine = build(n=EMPTY_N, batch_size=EMPTY_B, noise_multiplier=1.0, seed=0, steps=30,
                                max_physical_batch_size=mpb)
@@ -176,7 +168,6 @@ def test_empty_batches_in_a_training_loop(empty, mpb):
                 assert torch.equal(g, torch.zeros_like(g)), "the clipped sum over zero samples must be 0"
 
 
-@ZERO_SIZED_BUG
 @pytest.mark.parametrize("groups", ["all-layer", "layer-wise", "param-wise"])
 @pytest.mark.parametrize("clipping", ["automatic", "autov", "abadi", "psac"])
 def test_backward_on_a_zero_sized_batch_gives_zero_not_nan(clipping, groups):
@@ -339,7 +330,6 @@ ZERO_SIZED = {
 }
 
 
-@ZERO_SIZED_BUG
 @pytest.mark.parametrize("kind", list(ZERO_SIZED))
 def test_zero_sized_batch_through_other_layers(kind):
     make, shape = ZERO_SIZED[kind]
