@@ -155,7 +155,11 @@ class OpacusWrap(torch.nn.Module):
         self.m, self.kind = m, kind
 
     def forward(self, x):
-        return (self.m(input_ids=x) if self.kind == "gpt2" else self.m(pixel_values=x)).logits
+        if self.kind == "gpt2":
+            # Opacus's per-sample hooks need position ids with a batch dimension (the default ones have none)
+            pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            return self.m(input_ids=x, position_ids=pos).logits
+        return self.m(pixel_values=x).logits
 
 
 class _null:
