@@ -1,0 +1,57 @@
+"""Nothing a step captures outlives it; forwards under no_grad capture nothing."""
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import groupclip
+from groupclip.rules.base import GRAMS
+from groupclip.rules.linear import CASTS
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.seen: list = []
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.seen.append(weakref.ref(h))  # test-only: watch the activation layer b saves for its rule
+        return self.b(h)
+
+
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_captured_tensors_are_freed_after_backward(groups):
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=40, noise_multiplier=1.0,
+                                         groups=groups)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 5)).pow(2).mean().backward()
+        opt.step()
+    gc.collect()
+    assert all(r() is None for r in model.seen), "an activation saved for clipping outlived its step"
+    assert engine.hub.state is None
+    assert not GRAMS.items and not CASTS.items
+
+
+def test_no_grad_forward_captures_nothing():
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    with torch.no_grad():
+        out = model(torch.randn(4, 5))
+    assert out.grad_fn is None
+    assert engine.hub.state is None
+    gc.collect()
+    assert all(r() is None for r in model.seen)
