@@ -1,5 +1,6 @@
 """Internals the GPU path relies on, checked on the CPU: aligned (padded) Grams, one-pass norms, coef sums."""
 
+import pytest
 import torch
 
 from groupclip.rules import base
@@ -48,3 +49,51 @@ def test_tensor_memo_is_keyed_by_identity_and_version():
     memo.put(c, "t", 3)
     memo.put(torch.zeros(1), "t", 4)
     assert memo.get(b, "t") is None and memo.get(c, "t") == 3
+
+
+def _clipped_grads(model_fn, x, y, groups):
+    import warnings
+
+    import groupclip
+
+    torch.manual_seed(0)
+    model = model_fn().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = groupclip.PrivacyEngine(model, opt, batch_size=len(x), sample_size=10 * len(x),
+                                         noise_multiplier=0.0, groups=groups)
+    torch.nn.functional.cross_entropy(model(x).flatten(0, -2), y.flatten()).backward()
+    engine.detach()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 4, 3, padding=1, groups=1)
+        self.g = torch.nn.Conv2d(4, 4, 3, stride=2, groups=2)
+        self.f = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.f(self.g(torch.relu(self.c(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_ghost_and_instantiated_norms_agree(monkeypatch, kind, groups):
+    """Both ways of getting a per-sample norm (and the clipped sums that follow) give the same p.grad."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "linear":
+        def model_fn():
+            return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5))
+        x, y = torch.randn(4, 9, 6, dtype=torch.float64, generator=g), torch.randint(0, 5, (4, 9), generator=g)
+    else:
+        model_fn = _Conv
+        x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g)
+    monkeypatch.setattr(base, "GHOST_BALANCE", float("inf"))
+    ghost = _clipped_grads(model_fn, x, y, groups)
+    monkeypatch.setattr(base, "GHOST_BALANCE", 0.0)
+    inst = _clipped_grads(model_fn, x, y, groups)
+    for n in ghost:
+        torch.testing.assert_close(inst[n], ghost[n], rtol=1e-10, atol=1e-12)

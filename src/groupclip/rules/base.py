@@ -80,6 +80,42 @@ def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Ten
     return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
 
 
+class WeightBiasRule(Rule):
+    """Shared norm / sum logic of layers with a matrix-like weight and a bias (linear, convolution).
+
+    Subclasses give `_bias_ps` (per-sample bias gradients), `per_sample` (instantiated weight gradients,
+    cached as use.cache["G"]), `_weight_ghost` (the ghost norm², or None when instantiation is cheaper) and
+    `_weight_sum` (Σ coef_i G_i without instantiating G).
+    """
+
+    def _bias_ps(self, use: Use) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _weight_ghost(self, use: Use) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _weight_sum(self, use: Use, coef: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norms2(self, use, names):
+        out = {}
+        for name in names:
+            if name == "bias":
+                out[name] = sq_norms(self._bias_ps(use))
+                continue
+            ghost = self._weight_ghost(use)
+            out[name] = ghost if ghost is not None else sq_norms(self.per_sample(use, name))
+        return out
+
+    def clipped_sum(self, use, coef, name):
+        p = use.unit.params[name]
+        if name == "bias":
+            return coef_sum(coef, self._bias_ps(use), p)
+        if "G" in use.cache:  # instantiated for the norm: Σ c_i G_i replaces the weight-gradient product
+            return coef_sum(coef, use.cache["G"], p)
+        return self._weight_sum(use, coef, p)
+
+
 def param_dtype_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == p.dtype else t.to(p.dtype)
 

@@ -15,14 +15,12 @@ from torch import nn
 from groupclip.capture.context import Use
 from groupclip.rules.base import (
     Factors,
-    Rule,
+    WeightBiasRule,
     acc_dtype,
-    coef_sum,
     common,
     ghost_inner,
     param_dtype_like,
     prefer_ghost,
-    sq_norms,
 )
 
 _FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
@@ -51,7 +49,7 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return xp.permute(perm).reshape(b, math.prod(spatial), c * math.prod(module.kernel_size))
 
 
-class ConvRule(Rule):
+class ConvRule(WeightBiasRule):
     name = "conv"
 
     def supports(self, module):
@@ -111,30 +109,18 @@ class ConvRule(Rule):
             use.cache["gb"] = g.sum(2, dtype=acc_dtype(g))
         return use.cache["gb"]
 
-    def norms2(self, use, names):
-        out = {}
-        for name in names:
-            if name == "bias":
-                out[name] = sq_norms(self._bias_ps(use))
-                continue
-            rows, cols = self._grouped(use)
-            t, r, c = rows.shape[1], rows.shape[3], cols.shape[3]
-            if prefer_ghost(t, r, c, rows.shape[0] * rows.shape[2], cols.element_size()):
-                total = 0
-                for k in range(rows.shape[2]):
-                    f = Factors(rows[:, :, k], cols[:, :, k])
-                    total = total + ghost_inner(f, f)
-                out[name] = total
-            else:
-                out[name] = sq_norms(self.per_sample(use, name))
-        return out
+    def _weight_ghost(self, use):
+        rows, cols = self._grouped(use)
+        t, r, c = rows.shape[1], rows.shape[3], cols.shape[3]
+        if not prefer_ghost(t, r, c, rows.shape[0] * rows.shape[2], cols.element_size()):
+            return None
+        total = 0
+        for k in range(rows.shape[2]):
+            f = Factors(rows[:, :, k], cols[:, :, k])
+            total = total + ghost_inner(f, f)
+        return total
 
-    def clipped_sum(self, use, coef, name):
-        p = use.unit.params[name]
-        if name == "bias":
-            return coef_sum(coef, self._bias_ps(use), p)
-        if "G" in use.cache:
-            return coef_sum(coef, use.cache["G"], p)
+    def _weight_sum(self, use, coef, p):
         rows, cols = self._grouped(use)
         rows = rows * coef.to(rows.dtype)[:, None, None, None]
         return param_dtype_like(torch.einsum("blgo,blgk->gok", rows, cols).reshape(p.shape), p)

@@ -11,15 +11,13 @@ from torch import nn
 from groupclip.capture.context import Use
 from groupclip.rules.base import (
     Factors,
-    Rule,
+    WeightBiasRule,
     _TensorMemo,
     acc_dtype,
-    coef_sum,
     common,
     ghost_inner,
     mm_into,
     prefer_ghost,
-    sq_norms,
 )
 
 CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
@@ -29,7 +27,7 @@ def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, math.prod(t.shape[1:-1]), t.shape[-1])
 
 
-class LinearRule(Rule):
+class LinearRule(WeightBiasRule):
     name = "linear"
     transposed = False  # Conv1D stores the weight as (in, out)
 
@@ -87,27 +85,13 @@ class LinearRule(Rule):
             use.cache["gb"] = g.sum(1, dtype=acc_dtype(g))
         return use.cache["gb"]
 
-    def norms2(self, use, names):
-        out = {}
-        for name in names:
-            if name == "bias":
-                out[name] = sq_norms(self._bias_ps(use))
-                continue
-            f = self.factors(use, name)
-            b, t, r = f.rows.shape
-            if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
-                out[name] = ghost_inner(f, f)
-            else:
-                out[name] = sq_norms(self.per_sample(use, name))
-        return out
+    def _weight_ghost(self, use):
+        f = self.factors(use, "weight")
+        b, t, r = f.rows.shape
+        return ghost_inner(f, f) if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()) else None
 
-    def clipped_sum(self, use, coef, name):
-        p = use.unit.params[name]
-        if name == "bias":
-            return coef_sum(coef, self._bias_ps(use), p)
-        if "G" in use.cache:
-            return coef_sum(coef, use.cache["G"], p)
-        f = self.factors(use, name)
+    def _weight_sum(self, use, coef, p):
+        f = self.factors(use, "weight")
         r, c = common(f.rows, f.cols)
         if r.shape[2] <= c.shape[2]:
             r = r * coef.to(r.dtype)[:, None, None]
