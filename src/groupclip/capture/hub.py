@@ -127,6 +127,17 @@ class CaptureHub:
             self.state = StepState()
         return self.state
 
+    @staticmethod
+    def _recompute_state(current: StepState) -> StepState:
+        """A forward that runs inside a backward pass re-computes activations (checkpointing). Non-reentrant
+        checkpointing only unpacks the tensors saved there: those nodes never run backward, so they get a
+        throw-away state and the step's own counts stay untouched. If such a node does run backward
+        (reentrant checkpointing: a nested backward), `on_use` refuses it."""
+        st = StepState()
+        st.batch_size = current.batch_size
+        st.recompute = True
+        return st
+
     def _groups(self, unit: Unit, names: tuple[str, ...]) -> set[int]:
         key = (id(unit), names)
         found = self._group_memo.get(key)
@@ -155,6 +166,8 @@ class CaptureHub:
                 return orig(*args, **kwargs)
             st = hub._current()
             groups = hub._groups(unit, names)
+            if torch._C._current_graph_task_id() != -1:
+                st = hub._recompute_state(st)
             if unit.rule.in_function and len(args) == 1 and not kwargs:
                 x = batchify(args[0], st.batch_size, unit)
                 params = [unit.params[n] for n in names]
@@ -193,6 +206,14 @@ class CaptureHub:
 
     # ---------------------------------------------------------------- backward side
     def on_use(self, st: StepState, use: Use) -> None:
+        if st.recompute:
+            raise EngineError(
+                f"layer {use.unit.label()} was re-run and back-propagated inside another backward pass "
+                "(reentrant activation checkpointing). Its per-sample norms would be clipped apart from the rest "
+                "of the step. Use non-reentrant checkpointing: torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False), or in transformers "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
         st.backward_started = True
         if not self._callback_queued:
             self._callback_queued = True
