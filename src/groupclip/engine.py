@@ -130,7 +130,6 @@ class PrivacyEngine:
     # ------------------------------------------------------------------ checks
     def _check_optimizer(self) -> None:
         model_params = {id(p) for p in self.model.parameters()}
-        names = {id(p): n for n, p in self.model.named_parameters()}
         for gi, group in enumerate(self.optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if id(p) not in model_params:
@@ -139,10 +138,9 @@ class PrivacyEngine:
                         "parameter of the model: groupclip cannot clip it. Build the optimizer from "
                         "model.parameters()."
                     )
-        del names
 
     def _check_step(self) -> None:
-        index = self.groups.index()
+        index = self.hub.group_of
         for n, p in self.model.named_parameters():
             if p.requires_grad and id(p) not in index:
                 raise EngineError(
