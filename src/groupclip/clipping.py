@@ -143,11 +143,7 @@ class Clipper:
             norm2 = contrib if norm2 is None else norm2 + contrib
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        norm = norm2.clamp_min(0).sqrt()
-        if scale != 1.0:
-            norm = norm.mul_(scale)
-        coef = clip_factor(self.kind, norm, self.groups.thresholds[k], self.gamma, self.psac_r)
-        coef = coef.mul_(scale / self.batch_size)
+        coef = self._coefficients(norm2, scale, self.groups.thresholds[k])
         for p, pu in by_param.values():
             total = None
             for u, n in pu:
@@ -157,6 +153,15 @@ class Clipper:
                 p.grad = total.contiguous()
             else:
                 p.grad.add_(total)
+
+    def _coefficients(self, norm2: torch.Tensor, scale: float, c: float) -> torch.Tensor:
+        """φ(‖g_i‖)·scale/batch_size from the raw squared norms, with ‖g_i‖ = scale·sqrt(norm2)."""
+        norm = norm2.clamp_min(0).sqrt_()
+        if self.kind == "automatic":  # (c·scale/bs) / (scale·n + γ) = (c/bs) / (n + γ/scale): 4 small kernels
+            return norm.add_(self.gamma / scale).reciprocal_().mul_(c / self.batch_size)
+        if scale != 1.0:
+            norm = norm.mul_(scale)
+        return clip_factor(self.kind, norm, c, self.gamma, self.psac_r).mul_(scale / self.batch_size)
 
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
         """Compute the norms of a use's single-use parameters now and drop instantiated per-sample grads."""

@@ -66,9 +66,12 @@ class LinearRule(WeightBiasRule):
     def factors(self, use: Use, name: str) -> Factors | None:
         if name != "weight":
             return None
-        a = _as_btd(use.saved[0], use.batch_size)
-        g = _as_btd(use.grad_out, use.batch_size)
-        return Factors(a, g) if self.transposed else Factors(g, a)
+        f = use.cache.get("f")
+        if f is None:
+            a = _as_btd(use.saved[0], use.batch_size)
+            g = _as_btd(use.grad_out, use.batch_size)
+            f = use.cache["f"] = Factors(a, g) if self.transposed else Factors(g, a)
+        return f
 
     def per_sample(self, use, name):
         if name == "bias":
