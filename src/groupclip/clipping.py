@@ -156,6 +156,8 @@ class Clipper:
 
     def _coefficients(self, norm2: torch.Tensor, scale: float, c: float) -> torch.Tensor:
         """φ(‖g_i‖)·scale/batch_size from the raw squared norms, with ‖g_i‖ = scale·sqrt(norm2)."""
+        if norm2.numel() == 0:  # an empty batch: nothing to clip
+            return norm2
         norm = norm2.clamp_min(0).sqrt_()
         if self.kind == "automatic":  # (c·scale/bs) / (scale·n + γ) = (c/bs) / (n + γ/scale): 4 small kernels
             return norm.add_(self.gamma / scale).reciprocal_().mul_(c / self.batch_size)
