@@ -68,6 +68,15 @@ def _clipped_grads(model_fn, x, y, groups):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(input_ids=x).logits
+
+
 class _Conv(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -80,7 +89,7 @@ class _Conv(torch.nn.Module):
 
 
 @pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "gpt2"])
 def test_ghost_and_instantiated_norms_agree(monkeypatch, kind, groups):
     """Both ways of getting a per-sample norm (and the clipped sums that follow) give the same p.grad."""
     g = torch.Generator().manual_seed(3)
@@ -88,9 +97,18 @@ def test_ghost_and_instantiated_norms_agree(monkeypatch, kind, groups):
         def model_fn():
             return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5))
         x, y = torch.randn(4, 9, 6, dtype=torch.float64, generator=g), torch.randint(0, 5, (4, 9), generator=g)
-    else:
+    elif kind == "conv":
         model_fn = _Conv
         x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g)
+    else:  # HF Conv1D layers, tied wte/lm_head (several uses of one weight), position embeddings
+        transformers = pytest.importorskip("transformers")
+
+        def model_fn():
+            cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            return _Logits(transformers.GPT2LMHeadModel(cfg))
+        x = torch.randint(0, 40, (3, 9), generator=g)
+        y = torch.randint(0, 40, (3, 9), generator=g)
     monkeypatch.setattr(base, "GHOST_BALANCE", float("inf"))
     ghost = _clipped_grads(model_fn, x, y, groups)
     monkeypatch.setattr(base, "GHOST_BALANCE", 0.0)
