@@ -55,3 +55,36 @@ def test_no_grad_forward_captures_nothing():
     assert engine.hub.state is None
     gc.collect()
     assert all(r() is None for r in model.seen)
+
+
+class MaskFirst(nn.Module):
+    """Takes a (1, T) mask before the batch: the batch size must still come out as B, not 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, mask, x):
+        return self.lin(x) * mask[..., None]
+
+
+def test_batch_size_is_not_taken_from_a_broadcast_argument():
+    torch.manual_seed(0)
+    model = MaskFirst().double()
+    mask = torch.ones(1, 5, dtype=torch.float64)
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = groupclip.PrivacyEngine(model, opt, batch_size=6, sample_size=60, noise_multiplier=0.0)
+    model(mask, x).pow(2).sum((1, 2)).mean().backward()
+    got = model.lin.weight.grad.clone()
+    engine.detach()
+    # one sample at a time, automatic clipping with C = 1 over the whole model
+    want = torch.zeros_like(got)
+    for i in range(6):
+        model.zero_grad()
+        model(mask, x[i : i + 1]).pow(2).sum().backward()
+        norm = torch.sqrt(model.lin.weight.grad.pow(2).sum() + model.lin.bias.grad.pow(2).sum())
+        want += model.lin.weight.grad / (norm + 0.01) / 6
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

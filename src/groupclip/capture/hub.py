@@ -27,11 +27,15 @@ from groupclip.rules.linear import CASTS
 log = logging.getLogger(__name__)
 
 
-def _first_batch_size(args: tuple, kwargs: dict) -> int | None:
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return None
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call: the largest leading size among its tensor arguments.
+
+    Taking the largest errs on the safe side: a batch size guessed too small (from, say, a (1, T) mask passed
+    first) would make layers treat the whole batch as one sample; one guessed too large only makes shapes
+    disagree, which fails loudly.
+    """
+    sizes = [int(v.shape[0]) for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor) and v.dim()]
+    return max(sizes) if sizes else None
 
 
 @contextlib.contextmanager
@@ -119,7 +123,7 @@ class CaptureHub:
         if self._bypass or not torch.is_grad_enabled():
             return None
         st = self._current()
-        st.batch_size = _first_batch_size(args, kwargs)
+        st.batch_size = _batch_size(args, kwargs)
         return None
 
     def _current(self) -> StepState:
@@ -190,7 +194,7 @@ class CaptureHub:
         ]
         if not out_slots:
             return out
-        batch = st.batch_size if st.batch_size is not None else _first_batch_size(args, kwargs)
+        batch = st.batch_size if st.batch_size is not None else _batch_size(args, kwargs)
         dev = out_leaves[out_slots[0]].device.type
         extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
                  "out_slots": out_slots, "batch": batch if batch is not None else 1,
