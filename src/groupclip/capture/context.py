@@ -41,6 +41,7 @@ class StepState:
         self.arrived: dict[int, list[Use]] = defaultdict(list)
         self.done: set[int] = set()
         self.backward_started = False
+        self.root_calls = 0  # forwards of the whole model in this step
         self.recompute = False  # created for a forward re-run inside a backward pass (checkpointing)
 
     def count_forward(self, groups: set[int], params) -> None:

@@ -74,6 +74,7 @@ class CaptureHub:
         self._pending: list[StepState] = []
         self._callback_queued = False
         self._group_memo: dict[tuple, set[int]] = {}
+        self._warned_two_forwards = False
 
     # ---------------------------------------------------------------- install / remove
     def install(self) -> None:
@@ -123,6 +124,14 @@ class CaptureHub:
         if self._bypass or not torch.is_grad_enabled():
             return None
         st = self._current()
+        st.root_calls += 1
+        if st.root_calls == 2 and not self._warned_two_forwards:
+            self._warned_two_forwards = True
+            log.warning(
+                "groupclip: a second forward of the model joined the same step before backward(). Sample i is "
+                "index i of every forward in a step: this is exact when all forwards see the same samples (e.g. "
+                "two augmentations), but two forwards over different records are clipped as one combined sample."
+            )
         st.batch_size = _batch_size(args, kwargs)
         return None
 
