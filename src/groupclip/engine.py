@@ -13,7 +13,7 @@ from torch import nn
 
 from groupclip import accounting
 from groupclip.capture.hub import CaptureHub
-from groupclip.capture.units import build_units, check_reachable
+from groupclip.capture.units import build_units, check_reachable, report_generic
 from groupclip.clipping import Clipper, build_groups
 from groupclip.noise import GaussianNoise
 from groupclip.optim.dp_step import DPStep
@@ -109,6 +109,7 @@ class PrivacyEngine:
         self._check_optimizer()
         self.units = build_units(model)
         check_reachable(model, self.units)
+        report_generic(self.units, log)
         self.groups = build_groups(model, groups, max_grad_norm, thresholds)
         self.max_grad_norm = self.groups.sensitivity
         self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r)

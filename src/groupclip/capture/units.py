@@ -67,6 +67,26 @@ def build_units(model: nn.Module) -> list[Unit]:
     return units
 
 
+def report_generic(units: list[Unit], logger) -> None:
+    """Tell the user which modules go through the generic per-sample re-run, and warn where it is costly: a
+    module whose own parameters are used directly in a forward that also runs large submodules (e.g. a ViT
+    root holding cls_token / pos_embed) is re-run whole, per sample, for those parameters."""
+    from groupclip.rules import GENERIC
+
+    for u in units:
+        if u.rule is not GENERIC:
+            continue
+        inner = sum(1 for m in u.module.modules() if m is not u.module and any(True for _ in m.parameters(False)))
+        if inner > 8:
+            logger.warning(
+                "groupclip: %s owns parameters %s used directly in its forward; their per-sample gradients come "
+                "from re-running the whole module (%d submodules with parameters) per sample, about one more "
+                "forward and backward of it per step. Moving them into a small submodule makes this cheap.",
+                u.label(), sorted(u.params), inner)
+        else:
+            logger.info("groupclip: %s uses the generic per-sample rule for %s", u.label(), sorted(u.params))
+
+
 def check_reachable(model: nn.Module, units: list[Unit]) -> None:
     """Every trainable parameter of the model must belong to some unit (defensive: never skip one)."""
     seen = {id(p) for u in units for p in u.params.values()}
