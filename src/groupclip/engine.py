@@ -27,6 +27,24 @@ class PrivacyEngine:
 
     After `backward()`, p.grad = (1/batch_size) Σ_i φ_k(‖g_i^k‖) g_i^k; `optimizer.step()` adds
     N(0, σ²C²)/batch_size per coordinate and then runs the wrapped optimizer.
+
+    Args:
+        model, optimizer: any nn.Module and any torch optimizer built from the model's parameters.
+        batch_size: expected logical batch size B; divisor of the clipped sum; q = B / sample_size.
+        sample_size: number of records N in the training set.
+        epochs / steps: training length (one of them; needed with target_epsilon). An epoch is one pass of
+            `data_loader()`, i.e. round(1/q) logical batches.
+        target_epsilon / noise_multiplier: exactly one. A target ε calibrates σ with the accountant.
+        target_delta: δ; default min(1e-5, 1/(10·N)). A δ ≥ 1/N warns.
+        max_grad_norm: total sensitivity C; group k gets C_k = C/sqrt(K) unless `thresholds` are given.
+        clipping: "automatic" (C/(‖g‖+γ)), "autov" (C/‖g‖), "abadi" (min(1, C/‖g‖)), "psac".
+        groups: "all-layer", "layer-wise", "param-wise", or a list of lists of parameter names.
+        thresholds: explicit per-group C_k (the noise then follows sqrt(Σ C_k²)).
+        gamma, psac_r: constants of automatic and PSAC clipping (0.01).
+        loss_reduction: "mean" (loss averaged over the samples of a batch) or "sum".
+        accountant: "pld" (default) or "rdp", for calibration and `epsilon()`.
+        seed: seed of the noise (and, by default, of the Poisson sampler); secure_mode draws it from the OS.
+        max_physical_batch_size: split each logical batch of `data_loader()` into micro-batches.
     """
 
     def __init__(
