@@ -12,12 +12,24 @@ from torch.utils.checkpoint import checkpoint
 import groupclip
 
 
+class Block(nn.Module):
+    """Inside the checkpointed segment: a position embedding looked up without a batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(4, 8)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        return torch.tanh(self.lin(h + self.pos(torch.arange(h.shape[1]))))
+
+
 class Net(nn.Module):
     def __init__(self, reentrant: bool | None):
         super().__init__()
         self.reentrant = reentrant
         self.a = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8))
-        self.b = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.b = Block()
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -26,7 +38,7 @@ class Net(nn.Module):
             h = self.b(h)
         else:
             h = checkpoint(self.b, h, use_reentrant=self.reentrant)
-        return self.head(h)
+        return self.head(h.mean(1))
 
 
 def _grads(model, x, y):
@@ -45,7 +57,7 @@ def test_non_reentrant_checkpointing_matches_plain_run():
     plain = Net(None).double()
     ckpt = copy.deepcopy(plain)
     ckpt.reentrant = False
-    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 4, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     want, got = _grads(plain, x, y), _grads(ckpt, x, y)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
@@ -54,6 +66,6 @@ def test_non_reentrant_checkpointing_matches_plain_run():
 def test_reentrant_checkpointing_is_refused():
     torch.manual_seed(0)
     model = Net(True).double()
-    x, y = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (6,))
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         _grads(model, x, y)

@@ -141,13 +141,13 @@ class CaptureHub:
         return self.state
 
     @staticmethod
-    def _recompute_state(current: StepState) -> StepState:
+    def _recompute_state(current: StepState | None) -> StepState:
         """A forward that runs inside a backward pass re-computes activations (checkpointing). Non-reentrant
         checkpointing only unpacks the tensors saved there: those nodes never run backward, so they get a
         throw-away state and the step's own counts stay untouched. If such a node does run backward
         (reentrant checkpointing: a nested backward), `on_use` refuses it."""
         st = StepState()
-        st.batch_size = current.batch_size
+        st.batch_size = None if current is None else current.batch_size
         st.recompute = True
         return st
 
@@ -177,10 +177,11 @@ class CaptureHub:
             names = tuple(n for n, p in unit.params.items() if p.requires_grad)
             if not names:
                 return orig(*args, **kwargs)
-            st = hub._current()
+            if torch._C._current_graph_task_id() != -1:  # a re-computation inside backward (checkpointing)
+                st = hub._recompute_state(hub.state)
+            else:
+                st = hub._current()
             groups = hub._groups(unit, names)
-            if torch._C._current_graph_task_id() != -1:
-                st = hub._recompute_state(st)
             if unit.rule.in_function and len(args) == 1 and not kwargs:
                 x = batchify(args[0], st.batch_size, unit)
                 params = [unit.params[n] for n in names]
