@@ -121,8 +121,8 @@ class CaptureHub:
 
     # ---------------------------------------------------------------- per-step state
     def _root_pre_hook(self, module, args, kwargs):
-        if self._bypass or not torch.is_grad_enabled():
-            return None
+        if self._bypass or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return None  # no capture, a generic re-run, or a checkpoint re-computation inside backward
         st = self._current()
         st.root_calls += 1
         if st.root_calls == 2 and not self._warned_two_forwards:
