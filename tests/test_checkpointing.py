@@ -69,3 +69,34 @@ def test_reentrant_checkpointing_is_refused():
     x, y = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (6,))
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         _grads(model, x, y)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing(reentrant):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base = transformers.GPT2LMHeadModel(cfg).double().train()
+    x = torch.randint(0, 40, (3, 9))
+
+    def run(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = groupclip.PrivacyEngine(model, opt, batch_size=3, sample_size=30, noise_multiplier=0.0)
+        try:
+            model(input_ids=x, labels=x).loss.backward()
+        finally:
+            engine.detach()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ckpt = copy.deepcopy(base)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        with pytest.raises(RuntimeError, match="use_reentrant"):
+            run(ckpt)
+        return
+    want, got = run(copy.deepcopy(base)), run(ckpt)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14)
