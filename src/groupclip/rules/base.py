@@ -70,8 +70,7 @@ class Rule:
 
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample squared norms of (B, ...) in float32 or wider, in one reduction pass."""
-    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=dt).square()
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=acc_dtype(t)).square()
 
 
 def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
