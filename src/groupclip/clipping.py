@@ -14,24 +14,13 @@ import torch
 from torch import nn
 
 from groupclip.capture.context import Use
+from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
+__all__ = ["CLIPPING", "GROUP_STYLES", "Clipper", "Groups", "build_groups", "clip_factor"]
 GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
-
-
-def clip_factor(kind: str, norm: torch.Tensor, c: float, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
-    """φ(‖g‖) for one group with threshold c."""
-    if kind == "abadi":
-        return torch.clamp(c / (norm + 1e-6), max=1.0)
-    if kind == "automatic":
-        return c / (norm + gamma)
-    if kind == "autov":
-        return torch.where(norm > 0, c / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
-    if kind == "psac":
-        return c / (norm + r / (norm + r))
-    raise ValueError(f"unknown clipping {kind!r}; choose one of {', '.join(CLIPPING)}")
 
 
 @dataclass
@@ -115,6 +104,7 @@ class Clipper:
         self.groups, self.kind, self.batch_size = groups, kind, batch_size
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
         self._members = [{id(p) for p in ps} for ps in groups.params]
+        self._group_of = groups.index()
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         batch = uses[0].batch_size
@@ -137,13 +127,31 @@ class Clipper:
                     entry[1].append((u, n))
         if not by_param:
             return
-        norm2 = None
+        parts: list[tuple[torch.Tensor, bool]] = []
+        vecs: list[torch.Tensor] = []  # (B,) squared norms: reduced early, or of tensors with several uses
+        reduced: set[int] = set()
         for _, pu in by_param.values():
-            contrib = self._param_norm2(pu)
-            norm2 = contrib if norm2 is None else norm2 + contrib
+            if len(pu) > 1:
+                vecs.append(self._shared_norm2(pu))
+                continue
+            u, n = pu[0]
+            early = u.cache.get("n2g", {}).get(k)
+            if early is not None and n in early[1]:
+                if id(u) not in reduced:
+                    reduced.add(id(u))
+                    vecs.append(early[0])
+                continue
+            parts.extend(u.unit.rule.norm_parts(u, (n,)))
+        if vecs:
+            if len(vecs) == 1:
+                parts.append((vecs[0][:, None], True))
+            else:
+                dt = acc_dtype(*vecs)
+                parts.append((torch.stack([v.to(dt) for v in vecs], 1), True))
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        coef = self._coefficients(norm2, scale, self.groups.thresholds[k])
+        coef = clip_coef(parts, self.kind, self.groups.thresholds[k], scale, scale / self.batch_size,
+                         self.gamma, self.psac_r)
         for p, pu in by_param.values():
             total = None
             for u, n in pu:
@@ -154,31 +162,22 @@ class Clipper:
             else:
                 p.grad.add_(total)
 
-    def _coefficients(self, norm2: torch.Tensor, scale: float, c: float) -> torch.Tensor:
-        """φ(‖g_i‖)·scale/batch_size from the raw squared norms, with ‖g_i‖ = scale·sqrt(norm2)."""
-        if norm2.numel() == 0:  # an empty batch: nothing to clip
-            return norm2
-        norm = norm2.clamp_min(0).sqrt_()
-        if self.kind == "automatic":  # (c·scale/bs) / (scale·n + γ) = (c/bs) / (n + γ/scale): 4 small kernels
-            return norm.add_(self.gamma / scale).reciprocal_().mul_(c / self.batch_size)
-        if scale != 1.0:
-            norm = norm.mul_(scale)
-        return clip_factor(self.kind, norm, c, self.gamma, self.psac_r).mul_(scale / self.batch_size)
-
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
-        """Compute the norms of a use's single-use parameters now and drop instantiated per-sample grads."""
+        """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop
+        instantiated per-sample gradients, so only (input, output grad) stay alive until the group completes."""
         if not names or not use.unit.rule.in_function:
             return
-        norms = use.cache.setdefault("n2", {})
-        norms.update(use.unit.rule.norms2(use, tuple(n for n in names if n not in norms)))
+        by_group: dict[int, list[str]] = {}
+        for n in names:
+            by_group.setdefault(self._group_of[id(use.unit.params[n])], []).append(n)
+        early = use.cache.setdefault("n2g", {})
+        for k, ns in by_group.items():
+            if k not in early:
+                early[k] = (clip_coef(use.unit.rule.norm_parts(use, tuple(ns)), "norm2"), set(ns))
         use.cache.pop("G", None)
 
-    def _param_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
-        if len(pu) == 1:
-            u, n = pu[0]
-            cached = u.cache.get("n2", {})
-            return cached[n] if n in cached else u.unit.rule.norms2(u, (n,))[n]
-        # one tensor, several uses (tied weights, a layer called twice): ‖Σ_u G_u‖² with cross terms
+    def _shared_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
+        """‖Σ_u G_u‖² of one tensor with several uses (tied weights, a layer called twice), with cross terms."""
         facs = [u.unit.rule.factors(u, n) for u, n in pu]
         if all(f is not None for f in facs):
             total = 0

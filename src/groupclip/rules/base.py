@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from groupclip import kernels
 from groupclip.capture.context import Use
 
 
@@ -54,7 +55,13 @@ class Rule:
 
     def norms2(self, use: Use, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Per-sample squared gradient norms (B,) in float32 or wider, one entry per name."""
-        raise NotImplementedError
+        return {n: kernels.clip_coef(self.norm_parts(use, (n,)), "norm2") for n in names}
+
+    def norm_parts(self, use: Use, names: tuple[str, ...]) -> list[tuple[torch.Tensor, bool]]:
+        """The squared norm of `names` together, as (B, m) sources for `kernels.clip_coef`: (t, True) holds
+        squared contributions to be summed, (t, False) per-sample gradient entries to be squared and summed.
+        Rules override either this or `norms2`."""
+        return [(v[:, None], True) for v in type(self).norms2(self, use, names).values()]
 
     def clipped_sum(self, use: Use, coef: torch.Tensor, name: str) -> torch.Tensor:
         """Σ_i coef_i G_i for parameter `name`, shaped like the parameter."""
@@ -96,15 +103,22 @@ class WeightBiasRule(Rule):
     def _weight_sum(self, use: Use, coef: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def norms2(self, use, names):
-        out = {}
+    def _weight_ghost_part(self, use: Use) -> tuple[torch.Tensor, bool] | None:
+        ghost = self._weight_ghost(use)
+        return None if ghost is None else (ghost[:, None], True)
+
+    def norm_parts(self, use, names):
+        parts = []
         for name in names:
             if name == "bias":
-                out[name] = sq_norms(self._bias_ps(use))
+                parts.append((self._bias_ps(use), False))
                 continue
-            ghost = self._weight_ghost(use)
-            out[name] = ghost if ghost is not None else sq_norms(self.per_sample(use, name))
-        return out
+            ghost = self._weight_ghost_part(use)
+            parts.append(ghost if ghost is not None else (self.per_sample(use, name).flatten(1), False))
+        return parts
+
+    def norms2(self, use, names):
+        return {n: kernels.clip_coef(self.norm_parts(use, (n,)), "norm2") for n in names}
 
     def clipped_sum(self, use, coef, name):
         p = use.unit.params[name]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groupclip import kernels
 from groupclip.capture.context import Use
 from groupclip.rules.base import (
     Factors,
@@ -92,6 +93,16 @@ class LinearRule(WeightBiasRule):
         f = self.factors(use, "weight")
         b, t, r = f.rows.shape
         return ghost_inner(f, f) if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()) else None
+
+    def _weight_ghost_part(self, use):
+        f = self.factors(use, "weight")
+        b, t, r = f.rows.shape
+        if not prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
+            return None
+        if kernels.active(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
+            rows, cols = common(f.rows, f.cols)
+            return kernels.ghost_partials(cols, rows), True
+        return ghost_inner(f, f)[:, None], True
 
     def _weight_sum(self, use, coef, p):
         f = self.factors(use, "weight")

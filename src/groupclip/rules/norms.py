@@ -6,11 +6,14 @@ both are tiny, so they are instantiated. The input gradient re-runs the (cheap) 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from groupclip.rules.base import EngineError, Rule, acc_dtype, coef_sum, sq_norms
+from groupclip import kernels
+from groupclip.rules.base import EngineError, Rule, acc_dtype, coef_sum
 
 
 class _NormRule(Rule):
@@ -78,8 +81,8 @@ class _NormRule(Rule):
             use.cache[key] = g.sum(dims) if dims else g
         return use.cache[key]
 
-    def norms2(self, use, names):
-        return {n: sq_norms(self._ps(use, n)) for n in names}
+    def norm_parts(self, use, names):
+        return [(self._ps(use, n).flatten(1), False) for n in names]
 
     def per_sample(self, use, name):
         return self._ps(use, name)
@@ -114,6 +117,23 @@ class LayerNormRule(_NormRule):
     def _xhat(self, use, with_grad_to=None):
         x, _, _, mean, rstd = use.saved
         return (x - mean) * rstd
+
+    def _ps(self, use, name):
+        """Both per-sample gradients in one pass over (x, g): Σ_t g ⊙ x̂ and Σ_t g."""
+        key = "ps_" + name
+        if key not in use.cache:
+            x, _, _, mean, rstd = use.saved
+            m = use.unit.module
+            bsz, d = x.shape[0], math.prod(m.normalized_shape)
+            t = math.prod(x.shape[1 : x.dim() - len(m.normalized_shape)])
+            x3, g3 = x.reshape(bsz, t, d), use.grad_out.reshape(bsz, t, d)
+            names = use.names
+            gw, gb = kernels.layer_norm_ps(x3, mean.reshape(bsz, t, 1), rstd.reshape(bsz, t, 1), g3,
+                                           "weight" in names or name == "weight", "bias" in names or name == "bias")
+            for n, v in (("weight", gw), ("bias", gb)):
+                if v is not None:
+                    use.cache["ps_" + n] = v.view(bsz, *m.normalized_shape)
+        return use.cache[key]
 
     def full(self, m, x):
         return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)

@@ -1,0 +1,94 @@
+"""Fused operations of the clipping path: Triton kernels on the GPU, the same maths in PyTorch elsewhere.
+
+`GROUPCLIP_TRITON` chooses: `auto` (default) uses Triton for CUDA tensors when it is installed; `0` never;
+`force` uses it for every float32/bfloat16/float16 tensor, also on the CPU (with `TRITON_INTERPRET=1`, for tests).
+The PyTorch versions are the reference the kernels are tested against; float64 always takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MODE = os.environ.get("GROUPCLIP_TRITON", "auto").lower()
+try:
+    if _MODE in ("0", "off", "false", "no"):
+        raise ImportError("disabled by GROUPCLIP_TRITON")
+    from groupclip.kernels import triton_ops as _ops
+except Exception as e:  # no Triton, or no compiler for it: the PyTorch path is always there
+    _ops = None
+    log.debug("groupclip: Triton kernels unavailable (%s); using PyTorch operations", e)
+
+_FAST = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def active(*ts: torch.Tensor) -> bool:
+    """Whether the Triton path handles these tensors."""
+    if _ops is None or any(t.dtype not in _FAST for t in ts):
+        return False
+    return _MODE == "force" or all(t.is_cuda for t in ts)
+
+
+# ------------------------------------------------------------------------------ ghost norms
+def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype."""
+    if active(a, g):
+        return _ops.ghost_partials(a, g)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))
+    gg = torch.bmm(g.to(acc), g.to(acc).transpose(1, 2))
+    return (aa * gg).sum(dim=(1, 2))[:, None]
+
+
+# ------------------------------------------------------------------------------ LayerNorm
+def layer_norm_ps(x, mean, rstd, g, weight: bool, bias: bool):
+    """Per-sample Σ_t g ⊙ (x − mean)·rstd and Σ_t g, each (B, D) in float32 (float64 for float64 input)."""
+    if active(x, g) and x.stride(-1) == 1 and g.stride(-1) == 1:
+        return _ops.layer_norm_ps(x, mean.reshape(-1), rstd.reshape(-1), g, weight, bias)
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    g = g.to(acc)
+    gw = (g * ((x.to(acc) - mean) * rstd)).sum(1) if weight else None
+    gb = g.sum(1) if bias else None
+    return gw, gb
+
+
+# ------------------------------------------------------------------------------ coefficients
+def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0, scale: float = 1.0,
+              out_scale: float = 1.0, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
+    """Per-sample squared norm (kind='norm2') or clip coefficient out_scale·φ(scale·‖g_i‖) of one group.
+
+    `parts` are (B, m) tensors: flagged True when they hold squared contributions (partial sums), False when
+    they hold per-sample gradient entries to be squared."""
+    parts = [(t if t.dim() == 2 else t.reshape(t.shape[0], -1), sq) for t, sq in parts]
+    if all(active(t) for t, _ in parts):
+        parts = [(t if t.stride(-1) == 1 else t.contiguous(), sq) for t, sq in parts]
+        while len(parts) > 4:
+            head = _ops.clip_coef(parts[:4], "norm2", c, scale, out_scale, gamma, r)
+            parts = [(head[:, None], True)] + parts[4:]
+        return _ops.clip_coef(parts, kind, c, scale, out_scale, gamma, r)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t, _ in parts) else torch.float32
+    n2 = None
+    for t, sq in parts:
+        v = t.to(acc).sum(1) if sq else torch.linalg.vector_norm(t, dim=1, dtype=acc).square()
+        n2 = v if n2 is None else n2 + v
+    if kind == "norm2" or n2.numel() == 0:
+        return n2
+    norm = n2.clamp_min(0).sqrt_().mul_(scale)
+    return clip_factor(kind, norm, c, gamma, r).mul_(out_scale)
+
+
+def clip_factor(kind: str, norm: torch.Tensor, c: float, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
+    """φ(‖g‖) for one group with threshold c."""
+    if kind == "abadi":
+        return torch.clamp(c / (norm + 1e-6), max=1.0)
+    if kind == "automatic":
+        return c / (norm + gamma)
+    if kind == "autov":
+        return torch.where(norm > 0, c / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    if kind == "psac":
+        return c / (norm + r / (norm + r))
+    raise ValueError(f"unknown clipping {kind!r}; choose one of automatic, autov, abadi, psac")

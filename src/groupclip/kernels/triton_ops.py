@@ -1,0 +1,191 @@
+"""Triton kernels for the per-sample clipping path on the GPU (imported only where Triton is installed).
+
+Each replaces a chain of small PyTorch operations by one launch:
+
+* `ghost_partials`: per-sample ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s), tiled over (t, s) pairs of one
+  sample; only the lower triangle of tiles is computed (the Gram products are symmetric) and neither Gram
+  matrix is written to memory. Each program writes its partial sum; the partials are summed by `clip_coef`.
+* `layer_norm_ps`: per-sample LayerNorm gradients Σ_t g ⊙ x̂ and Σ_t g from (x, mean, 1/std, g) in one pass.
+* `clip_coef`: per-sample squared norms from up to four sources (raw per-sample values or partial sums),
+  and the clip coefficient φ(‖g_i‖)·scale/B of one group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: clip functions by kernel code; 0 returns the squared norm itself
+KINDS = {"norm2": 0, "automatic": 1, "abadi": 2, "autov": 3, "psac": 4}
+_TILE = 64
+
+
+@triton.jit
+def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT,
+                  BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    total = 0.0
+    if j <= i:
+        ti = i * BT + tl.arange(0, BT)
+        tj = j * BT + tl.arange(0, BT)
+        mi = ti < T
+        mj = tj < T
+        acc_a = tl.zeros((BT, BT), dtype=tl.float32)
+        for k0 in range(0, DA, BK):
+            kk = k0 + tl.arange(0, BK)
+            mk = kk < DA
+            base = a_ptr + b * sa_b + kk[None, :] * sa_d
+            x = tl.load(base + ti[:, None] * sa_t, mask=mi[:, None] & mk[None, :], other=0.0)
+            y = tl.load(base + tj[:, None] * sa_t, mask=mj[:, None] & mk[None, :], other=0.0)
+            if FP32:
+                if TF32:
+                    acc_a = tl.dot(x, tl.trans(y), acc_a, input_precision="tf32")
+                else:
+                    acc_a = tl.dot(x, tl.trans(y), acc_a, input_precision="ieee")
+            else:
+                acc_a = tl.dot(x, tl.trans(y), acc_a)
+        acc_g = tl.zeros((BT, BT), dtype=tl.float32)
+        for k0 in range(0, DG, BK):
+            kk = k0 + tl.arange(0, BK)
+            mk = kk < DG
+            base = g_ptr + b * sg_b + kk[None, :] * sg_d
+            x = tl.load(base + ti[:, None] * sg_t, mask=mi[:, None] & mk[None, :], other=0.0)
+            y = tl.load(base + tj[:, None] * sg_t, mask=mj[:, None] & mk[None, :], other=0.0)
+            if FP32:
+                if TF32:
+                    acc_g = tl.dot(x, tl.trans(y), acc_g, input_precision="tf32")
+                else:
+                    acc_g = tl.dot(x, tl.trans(y), acc_g, input_precision="ieee")
+            else:
+                acc_g = tl.dot(x, tl.trans(y), acc_g)
+        total = tl.sum(tl.sum(acc_a * acc_g, axis=1), axis=0)
+        if j < i:
+            total = total * 2.0
+    tl.store(out_ptr + b * NT * NT + i * NT + j, total)
+
+
+def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ."""
+    bsz, t, da = a.shape
+    dg = g.shape[2]
+    nt = triton.cdiv(max(t, 1), _TILE)
+    out = torch.empty((bsz, nt * nt), device=a.device, dtype=torch.float32)
+    if bsz == 0:
+        return out
+    fp32 = a.dtype == torch.float32
+    _ghost_kernel[(nt, nt, bsz)](
+        a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), nt,
+        BT=_TILE, BK=32 if fp32 else 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        num_warps=4, num_stages=3,
+    )
+    return out
+
+
+@triton.jit
+def _ln_ps_kernel(x_ptr, mean_ptr, rstd_ptr, g_ptr, gw_ptr, gb_ptr, T, D, sx_b, sx_t, sg_b, sg_t,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    md = dd < D
+    acc_w = tl.zeros((BD,), dtype=tl.float32)
+    acc_b = tl.zeros((BD,), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        tt = t0 + tl.arange(0, BT)
+        mt = tt < T
+        m2 = mt[:, None] & md[None, :]
+        g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_W:
+            x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            mu = tl.load(mean_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+            rs = tl.load(rstd_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+            acc_w += tl.sum(g * (x - mu[:, None]) * rs[:, None], axis=0)
+        if HAS_B:
+            acc_b += tl.sum(g, axis=0)
+    if HAS_W:
+        tl.store(gw_ptr + b * D + dd, acc_w, mask=md)
+    if HAS_B:
+        tl.store(gb_ptr + b * D + dd, acc_b, mask=md)
+
+
+def layer_norm_ps(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor,
+                  weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-sample LayerNorm gradients (B, D) float32 of x, g shaped (B, T, D), last dim contiguous;
+    mean and rstd hold B·T values in (b, t) order."""
+    bsz, t, d = x.shape
+    gw = torch.empty((bsz, d), device=x.device, dtype=torch.float32) if weight else None
+    gb = torch.empty((bsz, d), device=x.device, dtype=torch.float32) if bias else None
+    if bsz == 0:
+        return gw, gb
+    bd = min(256, triton.next_power_of_2(d))
+    dummy = gw if gw is not None else gb
+    _ln_ps_kernel[(bsz, triton.cdiv(d, bd))](
+        x, mean, rstd, g, dummy if gw is None else gw, dummy if gb is None else gb, t, d,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        HAS_W=weight, HAS_B=bias, BT=16, BD=bd, num_warps=4,
+    )
+    return gw, gb
+
+
+@triton.jit
+def _accumulate(acc, ptr, width, stride, b, SQ: tl.constexpr, BK: tl.constexpr):
+    for k0 in range(0, width, BK):
+        kk = k0 + tl.arange(0, BK)
+        v = tl.load(ptr + b * stride + kk, mask=kk < width, other=0.0).to(tl.float32)
+        if SQ:
+            v = v * v
+        acc += v
+    return acc
+
+
+@triton.jit
+def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, c, scale, out_scale, gamma, r,
+                 SQ0: tl.constexpr, SQ1: tl.constexpr, SQ2: tl.constexpr, SQ3: tl.constexpr,
+                 KIND: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
+    acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
+    acc = _accumulate(acc, p2, w2, s2, b, SQ2, BK)
+    acc = _accumulate(acc, p3, w3, s3, b, SQ3, BK)
+    n2 = tl.sum(acc, axis=0)
+    if KIND == 0:
+        res = n2
+    else:
+        norm = scale * tl.sqrt(tl.maximum(n2, 0.0))
+        if KIND == 1:
+            res = c / (norm + gamma)
+        elif KIND == 2:
+            res = tl.minimum(c / (norm + 1e-6), 1.0)
+        elif KIND == 3:
+            res = tl.where(norm > 0, c / tl.maximum(norm, 1e-38), 0.0)
+        else:
+            res = c / (norm + r / (norm + r))
+        res = res * out_scale
+    tl.store(out_ptr + b, res)
+
+
+def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale: float, out_scale: float,
+              gamma: float, r: float) -> torch.Tensor:
+    """(B,) float32: squared norm (kind 'norm2') or clip coefficient from at most four (B, m) sources.
+
+    A source flagged True already holds squared contributions (partial sums); False means its entries are
+    per-sample gradient values to be squared."""
+    assert 1 <= len(parts) <= 4
+    t0 = parts[0][0]
+    bsz = t0.shape[0]
+    out = torch.empty((bsz,), device=t0.device, dtype=torch.float32)
+    if bsz == 0:
+        return out
+    args, flags = [], []
+    for i in range(4):
+        t, sq = parts[i] if i < len(parts) else (t0, True)
+        width = t.shape[1] if i < len(parts) else 0
+        args += [t, width, t.stride(0)]
+        flags.append(not sq)
+    _coef_kernel[(bsz,)](*args, out, float(c), float(scale), float(out_scale), float(gamma), float(r),
+                         SQ0=flags[0], SQ1=flags[1], SQ2=flags[2], SQ3=flags[3], KIND=KINDS[kind], BK=512,
+                         num_warps=4)
+    return out
