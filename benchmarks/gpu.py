@@ -7,7 +7,9 @@ from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every
 the two rounds interleaved; median of --steps timed steps after --warmup, synchronised timers, random data.
 
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
-model, on the GPU), time (throughput and peak memory), maxbatch (largest batch that fits, searched).
+model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they
+replace), pyprofile (cProfile of a few steps), time (throughput and peak memory), maxbatch (largest batch that
+fits, searched).
 
     python benchmarks/gpu.py --out results.json [--phases check,time,maxbatch] [--workloads gpt2-256,vit]
 """
@@ -270,6 +272,15 @@ def profile_config(workload, mode, precision, path):
     for _ in range(3):
         s.step(x, y)
     sync()
+    # host time to enqueue one step (no sync) against its wall time: equal means the step is CPU-bound
+    enqueue, wall = [], []
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        s.step(x, y)
+        enqueue.append(time.perf_counter() - t0)
+        sync()
+        wall.append(time.perf_counter() - t0)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
@@ -282,10 +293,40 @@ def profile_config(workload, mode, precision, path):
         dev_t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
         events.append({"name": e.key, "calls": e.count, "self_device_us": dev_t, "self_cpu_us": e.self_cpu_time_total})
     with open(path + ".jsonl", "a") as f:
-        f.write(json.dumps({"workload": workload, "precision": precision, "mode": mode, "events": events}) + "\n")
+        f.write(json.dumps({"workload": workload, "precision": precision, "mode": mode, "events": events,
+                            "enqueue_s": statistics.median(enqueue), "wall_s": statistics.median(wall)}) + "\n")
     with open(path, "a") as f:
-        f.write(f"\n===== {workload} {precision} {mode} (3 steps)\n")
+        f.write(f"\n===== {workload} {precision} {mode} (3 steps; one step: host enqueue "
+                f"{statistics.median(enqueue) * 1e3:.1f} ms, wall {statistics.median(wall) * 1e3:.1f} ms)\n")
         f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
+def pyprofile_config(workload, mode, precision, path):
+    """Python-level profile (cProfile) of a few steps: where the host time of a CPU-bound step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    reset()
+    s = Setup(workload, mode, precision)
+    gen = torch.Generator(DEV).manual_seed(1)
+    x, y = make_batch(s.kind, s.batch, s.seq, gen, s.small)
+    for _ in range(3):
+        s.step(x, y)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(5):
+        s.step(x, y)
+    sync()
+    prof.disable()
+    s.close()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumtime").print_stats(35)
+    with open(path, "a") as f:
+        f.write(f"\n===== {workload} {precision} {mode} (5 steps)\n" + buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------- correctness
@@ -350,6 +391,119 @@ def loss_of_cpu(kind, model, x, y):
     return F.cross_entropy(model(pixel_values=x).logits, y)
 
 
+# ----------------------------------------------------------------------------------------- fused kernels
+KERNEL_SHAPES = [  # (name, B, T, Da, Dg): the ghost norms of the benchmark's layers
+    ("vit-attn", 128, 197, 768, 768), ("vit-mlp-up", 128, 197, 768, 3072), ("vit-mlp-down", 128, 197, 3072, 768),
+    ("gpt2-256-qkv", 64, 256, 768, 2304), ("gpt2-256-mlp", 64, 256, 768, 3072),
+    ("gpt2-1024-qkv", 16, 1024, 768, 2304), ("gpt2-1024-mlp", 16, 1024, 3072, 768),
+]
+GHOST_VARIANTS = [  # (tile, bk, warps, stages); the first is the default
+    (128, None, 8, 4), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+]
+
+
+LN_VARIANTS = [  # (rows per step, columns per program, warps, programs wanted); the first is the default
+    (32, 128, 4, 528), (64, 64, 4, 1056), (8, 256, 4, 528),
+]
+
+
+def check_kernels() -> list[dict]:
+    """Triton kernels against float64 on the GPU (fp32 without TF32, bf16), and their speed against the
+    PyTorch operations they replace."""
+    from groupclip.kernels import triton_ops
+    from groupclip.rules.base import Factors
+
+    out = []
+    gen = torch.Generator(DEV).manual_seed(5)
+
+    def rel(x, y):
+        return float((x.double() - y.double()).norm() / y.double().norm())
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dt in (torch.float32, torch.bfloat16):
+        for b, t, da, dg in ((3, 70, 40, 33), (5, 197, 96, 160), (2, 1024, 64, 48)):
+            a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
+            g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
+            got = triton_ops.ghost_partials(a, g).sum(1)
+            ref = torch.stack([(g[i].double().T @ a[i].double()).square().sum() for i in range(b)])
+            out.append({"kernel": "ghost", "dtype": str(dt), "shape": [b, t, da, dg], "rel_err": rel(got, ref)})
+        x = torch.randn(4, 77, 300, device=DEV, generator=gen)
+        g = torch.randn(4, 77, 300, device=DEV, generator=gen).to(dt)
+        _, mean, rstd = torch.native_layer_norm(x, (300,), None, None, 1e-5)
+        gw, gb = triton_ops.layer_norm_ps(x, mean.reshape(-1), rstd.reshape(-1), g, True, True)
+        xh = (x.double() - mean.double()) * rstd.double()
+        out.append({"kernel": "layer_norm_ps", "dtype": str(dt),
+                    "rel_err": max(rel(gw, (g.double() * xh).sum(1)), rel(gb, g.double().sum(1)))})
+    parts = [(torch.randn(64, 300, device=DEV, generator=gen), False),
+             (torch.rand(64, 16, device=DEV, generator=gen), True)]
+    for kind in ("norm2", "automatic", "abadi", "autov", "psac"):
+        got = triton_ops.clip_coef(parts, kind, 0.5, 64.0, 1.0, 0.01, 0.01)
+        n2 = parts[0][0].double().square().sum(1) + parts[1][0].double().sum(1)
+        norm = 64.0 * n2.sqrt()
+        ref = {"norm2": n2, "automatic": 0.5 / (norm + 0.01), "abadi": (0.5 / (norm + 1e-6)).clamp(max=1.0),
+               "autov": 0.5 / norm, "psac": 0.5 / (norm + 0.01 / (norm + 0.01))}[kind]
+        out.append({"kernel": "clip_coef", "kind": kind, "rel_err": rel(got, ref)})
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for c in out:
+        c["ok"] = c["rel_err"] <= (1e-5 if "float32" in c.get("dtype", "float32") else 2e-2)
+        log("kernel check", json.dumps(c))
+
+    def bench(fn, *args, n=20):
+        for _ in range(3):
+            fn(*args)
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(n):
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+    for name, b, t, da, dg in KERNEL_SHAPES:
+        for dt in (torch.bfloat16, torch.float32):
+            a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
+            g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
+            row = {"bench": "ghost", "shape": name, "dtype": str(dt)}
+            f = Factors(g, a)
+            row["torch_ms"] = bench(_ghost_torch, f)
+            for tile, bk, warps, stages in GHOST_VARIANTS:
+                key = f"triton_{tile}_{bk}_{warps}_{stages}"
+                try:
+                    row[key] = bench(triton_ops.ghost_partials, a, g, tile, bk, warps, stages)
+                except Exception as e:
+                    row[key] = f"{type(e).__name__}: {str(e)[:100]}"
+            log("kernel bench", json.dumps(row))
+            out.append(row)
+        x = torch.randn(b, t, 768, device=DEV, generator=gen)
+        g = torch.randn(b, t, 768, device=DEV, generator=gen)
+        _, mean, rstd = torch.native_layer_norm(x, (768,), None, None, 1e-5)
+
+        row = {"bench": "layer_norm_ps", "shape": name, "torch_ms": bench(_ln_torch, x, mean, rstd, g)}
+        m, r = mean.reshape(-1), rstd.reshape(-1)
+        for bt, bd, warps, progs in LN_VARIANTS:
+            row[f"triton_{bt}_{bd}_{warps}_{progs}"] = bench(triton_ops.layer_norm_ps, x, m, r, g, True, True,
+                                                             bt, bd, warps, progs)
+        out.append(row)
+        log("kernel bench", json.dumps(out[-1]))
+    return out
+
+
+def _ghost_torch(f):
+    """The PyTorch ghost norm (padded cuBLAS Gram products), its Gram memo emptied so nothing is reused."""
+    from groupclip.rules.base import GRAMS, ghost_inner
+
+    GRAMS.clear()
+    return ghost_inner(f, f)
+
+
+def _ln_torch(x, mean, rstd, g):
+    """The unfused per-sample LayerNorm gradients (what the kernel replaces)."""
+    return (g * ((x - mean) * rstd)).sum(1), g.sum(1)
+
+
 # ----------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -404,6 +558,9 @@ def main():
     if "check" in phases:
         result["check"] = check_against_oracle()
         save()
+    if "kernels" in phases:
+        result["kernels"] = check_kernels()
+        save()
     if "time" in phases:
         rows = []
         for rnd in range(args.rounds):
@@ -425,6 +582,11 @@ def main():
             for prec in precisions:
                 for m in modes:
                     profile_config(w, m, prec, args.profile_out)
+    if "pyprofile" in phases:
+        for w in workloads:
+            for prec in precisions:
+                for m in modes:
+                    pyprofile_config(w, m, prec, args.profile_out + ".py.txt")
     if "maxbatch" in phases:
         rows = []
         for w in workloads:

@@ -134,6 +134,7 @@ class PrivacyEngine:
         self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
         self.accountant = accounting.PrivacyAccountant()
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
+        self._named_params = list(self.model.named_parameters())  # walked once: the step check runs every step
         self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step)
         self._loaders: list = []
         self._sampling_generator: torch.Generator | None = None
@@ -160,7 +161,7 @@ class PrivacyEngine:
 
     def _check_step(self) -> None:
         index = self.hub.group_of
-        for n, p in self.model.named_parameters():
+        for n, p in self._named_params:
             if p.requires_grad and id(p) not in index:
                 raise EngineError(
                     f"parameter '{n}' was made trainable after the PrivacyEngine was created and belongs to "

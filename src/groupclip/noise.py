@@ -42,14 +42,22 @@ class GaussianNoise:
 
     @torch.no_grad()
     def add_to(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Add noise to every gradient: one draw per device and dtype (in chunks of at most CHUNK elements)
+        and one fused add, rather than two launches per parameter."""
         std = self.std
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if std > 0:
-                noise = torch.randn(p.shape, generator=self.generator(p.device), device=p.device,
-                                    dtype=p.grad.dtype)
-                p.grad.add_(noise, alpha=std)
+                by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, dtype), grads in by_kind.items():
+            gen = self.generator(device)
+            for chunk in _chunks(grads, CHUNK):
+                sizes = [g.numel() for g in chunk]
+                flat = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
+                noise = [v.view(g.shape) for v, g in zip(flat.split(sizes), chunk, strict=True)]
+                torch._foreach_add_(chunk, noise, alpha=std)
 
     def state_dict(self) -> dict:
         states = {k: g.get_state() for k, g in self._generators.items()}
@@ -60,3 +68,19 @@ class GaussianNoise:
         self.seed = state["seed"]
         self._generators.clear()
         self._pending_state = dict(state["generators"])
+
+
+#: Largest single noise draw, in elements (a transient buffer of this size exists during the step).
+CHUNK = 2**26
+
+
+def _chunks(grads: list[torch.Tensor], limit: int):
+    batch, size = [], 0
+    for g in grads:
+        if batch and size + g.numel() > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(g)
+        size += g.numel()
+    if batch:
+        yield batch

@@ -34,6 +34,21 @@ def active(*ts: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------ ghost norms
+#: The fused ghost-norm kernel is used up to this many positions T, and at any T that is not a multiple of 8
+#: (where cuBLAS would need padded copies). On an H100 it beat the two padded cuBLAS Gram products plus the
+#: product-and-sum at every benchmarked shape (T = 197 to 1024: 1.5-3x); larger T rarely takes the ghost path
+#: at all (instantiation is cheaper there). Environment: GROUPCLIP_GHOST_KERNEL_MAX_T; negative turns it off.
+GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
+
+
+def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the fused kernel should compute the ghost norm of a (B,T,·), g (B,T,·)."""
+    if not active(a, g) or GHOST_KERNEL_MAX_T < 0:
+        return False
+    t = a.shape[1]
+    return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0
+
+
 def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype."""
     if active(a, g):

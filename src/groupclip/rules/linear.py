@@ -99,7 +99,7 @@ class LinearRule(WeightBiasRule):
         b, t, r = f.rows.shape
         if not prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
             return None
-        if kernels.active(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
+        if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
             rows, cols = common(f.rows, f.cols)
             return kernels.ghost_partials(cols, rows), True
         return ghost_inner(f, f)[:, None], True
