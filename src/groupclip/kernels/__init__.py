@@ -52,6 +52,8 @@ def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
 def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype."""
     if active(a, g):
+        if a.dtype != g.dtype:  # the kernel reads both operands in one dtype
+            a = a.to(g.dtype)
         return _ops.ghost_partials(a, g)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))

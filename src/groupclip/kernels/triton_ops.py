@@ -24,9 +24,9 @@ _TILE = 128
 @triton.jit
 def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT,
                   BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
-    i = tl.program_id(0)
-    j = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
+    i = tl.program_id(1)
+    j = tl.program_id(2)
     total = 0.0
     if j <= i:
         ti = i * BT + tl.arange(0, BT)
@@ -77,7 +77,7 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int 
     if bsz == 0:
         return out
     fp32 = a.dtype == torch.float32
-    _ghost_kernel[(nt, nt, bsz)](
+    _ghost_kernel[(bsz, nt, nt)](
         a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), nt,
         BT=tile, BK=bk or (32 if fp32 else 64), FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
         num_warps=num_warps, num_stages=num_stages,

@@ -1,0 +1,332 @@
+"""The fused Triton kernels of groupclip.kernels against float64 references written here with plain torch.
+
+Without a GPU the kernels run under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1); the `calls`
+fixture forces the Triton path (also for CPU float32/float16 tensors) and counts the kernel launches, so every
+test also proves that the kernel, not the PyTorch fallback, produced the result. With a GPU the same tests run
+on CUDA tensors. bfloat16 is tested on the GPU only: the interpreter computes through numpy, which has none.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import check_against_oracle, make_mse_inputs, spread_C, weighted_mse
+from torch import nn
+
+pytest.importorskip("triton")
+
+import groupclip.kernels as K  # noqa: E402
+import groupclip.rules.base as rules_base  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+#: the ghost kernel's (t, s) tile: shapes below straddle it
+TILE = getattr(K._ops, "_TILE", 64)
+FP16 = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Force the Triton path and count the launches of each kernel (a Counter of function names)."""
+    monkeypatch.setattr(K, "_MODE", "force")
+    assert K._ops is not None, "groupclip.kernels did not import its Triton kernels"
+    count: collections.Counter = collections.Counter()
+    for name in ("ghost_partials", "layer_norm_ps", "clip_coef"):
+        fn = getattr(K._ops, name)
+
+        def counted(*args, _fn=fn, _name=name, **kw):
+            count[_name] += 1
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(K._ops, name, counted)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # triton_ops reads it: float32 ghost dots in full precision
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield count
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Elementwise relative error of got against a float64 reference."""
+    return (got.double() - ref).abs() / ref.abs().clamp_min(1e-300)
+
+
+def _torch_path(fn, *args, **kw):
+    """Call a groupclip.kernels function with the Triton kernels hidden: its PyTorch path."""
+    ops = K._ops
+    K._ops = None
+    try:
+        return fn(*args, **kw)
+    finally:
+        K._ops = ops
+
+
+# ------------------------------------------------------------------------------------------------ ghost norms
+def ghost_ref(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """‖g_iᵀ a_i‖_F² per sample in float64, from the per-sample weight gradient itself."""
+    return torch.stack([(g[i].double().T @ a[i].double()).square().sum() for i in range(a.shape[0])])
+
+
+# (B, T, Da, Dg): one position, a partial tile, a full tile, several tiles (off-diagonal tiles count twice)
+GHOST_SHAPES = sorted({
+    (1, 1, 5, 7),
+    (3, 1, 33, 17),
+    (3, 37, 45, 21),
+    (1, 64, 50, 70),
+    (3, 64, 31, 40),
+    (3, 130, 37, 45),
+    (2, TILE, 20, 30),
+    (2, TILE + 1, 19, 8),
+    (1, 2 * TILE + 3, 65, 3),
+})
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("shape", GHOST_SHAPES, ids=lambda s: "B{}-T{}-Da{}-Dg{}".format(*s))
+def test_ghost_partials_sum_to_per_sample_norms(calls, shape, dtype):
+    b, t, da, dg = shape
+    # rows of different magnitudes, so a mix-up between samples shows
+    s = torch.logspace(-1, 1, b, dtype=torch.float64)[:, None, None]
+    a = (torch.randn(b, t, da, dtype=torch.float64) * s).to(dtype).to(DEV)
+    g = (torch.randn(b, t, dg, dtype=torch.float64) / s).to(dtype).to(DEV)
+    out = K.ghost_partials(a, g)
+    assert calls["ghost_partials"] == 1
+    assert out.dim() == 2 and out.shape[0] == b and out.dtype == torch.float32
+    ref = ghost_ref(a, g)  # of the (float16-rounded) inputs: the kernel accumulates in float32
+    # 16-bit products are exact in float32, so every dtype is held to float32 accumulation accuracy
+    assert rel(out.sum(1), ref).max() <= 1e-5, (out.sum(1), ref)
+    # and the PyTorch path gives the same norms
+    assert rel(_torch_path(K.ghost_partials, a, g).sum(1), ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+def test_ghost_partials_non_contiguous(calls, dtype):
+    b, t, da, dg = 3, 70, 36, 19
+    # a: transposed storage (time is the fastest dim); g: a slice along the last dim of a wider tensor
+    a = torch.randn(b, da, t, dtype=dtype, device=DEV).transpose(1, 2)
+    g = torch.randn(b, t, dg + 9, dtype=dtype, device=DEV)[:, :, 4 : 4 + dg]
+    assert not a.is_contiguous() and not g.is_contiguous()
+    out = K.ghost_partials(a, g)
+    assert calls["ghost_partials"] == 1
+    assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
+    # every other sample of the batch: a non-unit batch stride too
+    a2, g2 = torch.randn(6, t, da, dtype=dtype, device=DEV)[::2], torch.randn(6, t, dg, dtype=dtype, device=DEV)[1::2]
+    assert rel(K.ghost_partials(a2, g2).sum(1), ghost_ref(a2, g2)).max() <= 1e-5
+
+
+def test_ghost_partials_empty_batch(calls):
+    a, g = torch.randn(0, 70, 8, device=DEV), torch.randn(0, 70, 5, device=DEV)
+    out = K.ghost_partials(a, g)
+    assert calls["ghost_partials"] == 1
+    assert out.dim() == 2 and out.shape[0] == 0
+    assert K.clip_coef([(out, True)], "automatic").shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True)], ids=["w+b", "w", "b"])
+@pytest.mark.parametrize("shape", [(2, 19, 300), (3, 5, 40), (1, 33, 257), (1, 150, 300), (2, 200, 40)],
+                         ids=lambda s: "B{}-T{}-D{}".format(*s))
+def test_layer_norm_ps(calls, shape, affine, dtype):
+    b, t, d = shape
+    weight, bias = affine
+    x = (torch.randn(b, t, d) * 3 + 1).to(dtype).to(DEV)
+    g = torch.randn(b, t, d).to(dtype).to(DEV)
+    _, mean, rstd = torch.native_layer_norm(x, (d,), None, None, 1e-5)
+    assert mean.shape == (b, t, 1)
+    gw, gb = K.layer_norm_ps(x, mean, rstd, g, weight, bias)
+    assert calls["layer_norm_ps"] == 1
+    g64 = g.double()
+    ref_w = (g64 * (x.double() - mean.double()) * rstd.double()).sum(1)
+    ref_b = g64.sum(1)
+    # sums of t terms of size ~1 in float32: compare against the scale of the terms, not the (cancelling) sum
+    tol = 1e-5 * (g64.abs() * (x.double() - mean.double()).abs() * rstd.double()).sum(1).clamp_min(1)
+    if weight:
+        assert gw.shape == (b, d) and gw.dtype == torch.float32
+        assert ((gw.double() - ref_w).abs() <= tol).all(), (gw.double() - ref_w).abs().max()
+    else:
+        assert gw is None
+    if bias:
+        assert gb.shape == (b, d) and gb.dtype == torch.float32
+        assert ((gb.double() - ref_b).abs() <= 1e-5 * g64.abs().sum(1).clamp_min(1)).all()
+    else:
+        assert gb is None
+
+
+def test_layer_norm_ps_strided(calls):
+    """x and g with unit last stride but padded rows and a skipped time step: the kernel must use the strides."""
+    b, t, d = 2, 130, 300
+    x = torch.randn(b, 2 * t, d + 20, device=DEV)[:, ::2, 10 : 10 + d]
+    g = torch.randn(b, t, d + 5, device=DEV)[:, :, :d]
+    _, mean, rstd = torch.native_layer_norm(x, (d,), None, None, 1e-5)
+    gw, gb = K.layer_norm_ps(x, mean, rstd, g, True, True)
+    assert calls["layer_norm_ps"] == 1
+    ref_w = (g.double() * (x.double() - mean.double()) * rstd.double()).sum(1)
+    assert (gw.double() - ref_w).abs().max() <= 1e-4
+    assert (gb.double() - g.double().sum(1)).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ coefficients
+KINDS = ["norm2", "automatic", "abadi", "autov", "psac"]
+C, SCALE, OUT_SCALE, GAMMA, R = 0.7, 3.0, 0.25, 0.05, 0.1
+
+
+def coef_ref(parts, kind):
+    """The contract's formulas in float64."""
+    n2 = sum(t.double().sum(1) if sq else t.double().square().sum(1) for t, sq in parts)
+    if kind == "norm2":
+        return n2
+    norm = SCALE * n2.sqrt()
+    if kind == "automatic":
+        phi = C / (norm + GAMMA)
+    elif kind == "abadi":
+        phi = torch.clamp(C / (norm + 1e-6), max=1.0)
+    elif kind == "autov":
+        phi = torch.where(norm > 0, C / norm, torch.zeros_like(norm))
+    else:
+        phi = C / (norm + R / (norm + R))
+    return OUT_SCALE * phi
+
+
+def make_parts(n: int, b: int = 7) -> list[tuple[torch.Tensor, bool]]:
+    """n sources of different widths, alternately squared partial sums and raw entries, one transposed and one
+    a column slice; sample 0 is all zeros, the others spread over orders of magnitude around the threshold."""
+    s = torch.logspace(-4, 1, b)
+    s[0] = 0
+    parts = []
+    for k in range(n):
+        m = [5, 1, 37, 600, 3, 64][k]
+        if k % 2 == 0:  # raw per-sample entries
+            t = torch.randn(b, m) * s[:, None]
+            if k == 2:
+                t = t.t().contiguous().t()  # non-contiguous: last stride b
+                assert t.stride(-1) != 1
+            parts.append((t.to(DEV), False))
+        else:  # squared contributions (non-negative)
+            t = (torch.rand(b, m + 7) * s[:, None] ** 2)[:, 3 : 3 + m]  # column slice: row stride m + 7
+            assert t.stride(0) == m + 7
+            parts.append((t.to(DEV), True))
+    return parts
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("kind", KINDS)
+def test_clip_coef(calls, kind, n):
+    parts = make_parts(n)
+    out = K.clip_coef(parts, kind, C, SCALE, OUT_SCALE, GAMMA, R)
+    assert calls["clip_coef"] == (1 if n <= 4 else 2)  # more than 4 sources: chained launches
+    assert out.shape == (7,) and out.dtype == torch.float32
+    ref = coef_ref(parts, kind)
+    if kind in ("norm2", "autov"):
+        assert out[0] == 0  # the all-zero sample
+    assert rel(out, ref).max() <= 1e-5, (out, ref)
+    if kind == "abadi":  # the setting clips some samples and leaves others
+        assert (ref[1:] < OUT_SCALE).any() and (ref[1:] == OUT_SCALE).any()
+    torch_out = _torch_path(K.clip_coef, parts, kind, C, SCALE, OUT_SCALE, GAMMA, R)
+    assert torch.allclose(out, torch_out, rtol=2e-6, atol=0), (out, torch_out)
+
+
+@pytest.mark.parametrize("dtype", FP16[1:], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_clip_coef_16bit_parts(calls, kind, dtype):
+    parts = [(t.to(dtype), sq) for t, sq in make_parts(3)]
+    out = K.clip_coef(parts, kind, C, SCALE, OUT_SCALE, GAMMA, R)
+    assert calls["clip_coef"] == 1
+    ref = coef_ref(parts, kind)  # of the 16-bit values, squared and summed in float32 by the kernel
+    assert rel(out, ref).max() <= 1e-5, (out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+GROUPS = ["all-layer", "layer-wise", "param-wise"]
+CLIPS = ["automatic", "abadi"]
+
+
+class SeqNet(nn.Module):
+    """Linear on (B, T, D) input -> LayerNorm -> tanh -> Linear."""
+
+    def __init__(self, d_in=64, d=72, d_out=64):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d_out)
+        with torch.no_grad():  # move LayerNorm off weight 1, bias 0
+            self.norm.weight.add_(0.1 * torch.randn(d))
+            self.norm.bias.add_(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+def record_ghost_T(monkeypatch) -> list[int]:
+    """Sequence lengths the ghost kernel was launched with."""
+    seen: list[int] = []
+    inner = K._ops.ghost_partials
+
+    def rec(a, g, *args, **kw):
+        seen.append(a.shape[1])
+        return inner(a, g, *args, **kw)
+
+    monkeypatch.setattr(K._ops, "ghost_partials", rec)
+    return seen
+
+
+@pytest.mark.parametrize("clipping", CLIPS)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_engine_linear_layernorm(calls, monkeypatch, groups, clipping):
+    b, t = 4, 130
+    assert t > TILE  # several tiles: the off-diagonal one counts twice
+    # sizes for which the engine picks the ghost norm by itself: T²(R+C) < 600·R·C
+    assert rules_base.prefer_ghost(t, 72, 64) and rules_base.prefer_ghost(t, 64, 72)
+    model = SeqNet()
+    x, target, w = make_mse_inputs(model, torch.randn(b, t, 64))
+    inputs = tuple(v.to(DEV) for v in (x, target, w))
+    model.to(DEV)
+    seen = record_ghost_T(monkeypatch)
+    c = spread_C(model, weighted_mse, inputs) if clipping == "abadi" else 1.0
+    check_against_oracle(model, weighted_mse, inputs, C=c, clipping=clipping, groups=groups, rtol=1e-4,
+                         dtype=torch.float32)
+    assert seen == [t, t], seen  # both Linear layers took the fused ghost kernel
+    assert calls["layer_norm_ps"] == 1
+    assert calls["clip_coef"] >= 1
+
+
+def gpt2(transformers):
+    cfg = transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )
+    model = transformers.GPT2LMHeadModel(cfg).float()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ln_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def lm_loss(model, ids):
+    logits = model(input_ids=ids).logits
+    vocab = logits.shape[-1]
+    per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none")
+    return per_tok.view(ids.shape[0], -1).mean(1).mean()
+
+
+@pytest.mark.parametrize("clipping", CLIPS)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_engine_gpt2(calls, monkeypatch, groups, clipping):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(rules_base, "GHOST_BALANCE", 1e12)  # every Conv1D takes the ghost norm
+    model = gpt2(transformers).to(DEV)
+    ids = torch.randint(0, 50, (3, 12), device=DEV)
+    ids[0, 3:6] = ids[0, 0]
+    c = spread_C(model, lm_loss, (ids,)) if clipping == "abadi" else 1.0
+    check_against_oracle(model, lm_loss, (ids,), C=c, clipping=clipping, groups=groups,
+                         rtol=1e-4, dtype=torch.float32)
+    assert calls["ghost_partials"] == 4  # c_attn, c_proj, c_fc, mlp c_proj of the one block
+    assert calls["layer_norm_ps"] == 3  # ln_1, ln_2, ln_f
+    assert calls["clip_coef"] >= 1
