@@ -232,6 +232,20 @@ def test_clip_coef(calls, kind, n):
     assert torch.allclose(out, torch_out, rtol=2e-6, atol=0), (out, torch_out)
 
 
+@pytest.mark.parametrize("squared", [False, True])
+def test_clip_coef_wide_parts_are_reduced_first(calls, squared):
+    """Rows wider than kernels.WIDE (instantiated per-sample gradients) are summed by PyTorch before the kernel,
+    which gives each sample a single program; the result is the same."""
+    b, m = 3, K.WIDE + 1000
+    wide = torch.randn(b, m) * torch.tensor([[0.5], [2.0], [7.0]])
+    if squared:
+        wide = wide.square()
+    parts = [(wide.to(DEV), squared)] + make_parts(2, b=3)
+    out = K.clip_coef(parts, "automatic", C, SCALE, OUT_SCALE, GAMMA, R)
+    assert calls["clip_coef"] == 1
+    assert rel(out, coef_ref(parts, "automatic")).max() <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", FP16[1:], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_clip_coef_16bit_parts(calls, kind, dtype):

@@ -82,7 +82,10 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
     they hold per-sample gradient entries to be squared."""
     parts = [(t if t.dim() == 2 else t.reshape(t.shape[0], -1), sq) for t, sq in parts]
     if all(active(t) for t, _ in parts):
-        parts = [(t if t.stride(-1) == 1 else t.contiguous(), sq) for t, sq in parts]
+        # the kernel gives each sample one program: wide rows (instantiated per-sample gradients, millions of
+        # entries) are reduced first by PyTorch's parallel reduction
+        parts = [(_row_sums(t, sq), True) if t.shape[1] > WIDE else (t if t.stride(-1) == 1 else t.contiguous(), sq)
+                 for t, sq in parts]
         while len(parts) > 4:
             head = _ops.clip_coef(parts[:4], "norm2", c, scale, out_scale, gamma, r)
             parts = [(head[:, None], True)] + parts[4:]
@@ -96,6 +99,16 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
         return n2
     norm = n2.clamp_min(0).sqrt_().mul_(scale)
     return clip_factor(kind, norm, c, gamma, r).mul_(out_scale)
+
+
+#: Rows wider than this are summed by PyTorch before the coefficient kernel.
+WIDE = 16384
+
+
+def _row_sums(t: torch.Tensor, squared: bool) -> torch.Tensor:
+    if squared:
+        return t.sum(1, keepdim=True, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, dim=1, keepdim=True, dtype=torch.float32).square()
 
 
 def clip_factor(kind: str, norm: torch.Tensor, c: float, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
