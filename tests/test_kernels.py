@@ -344,3 +344,38 @@ def test_engine_gpt2(calls, monkeypatch, groups, clipping):
     assert calls["ghost_partials"] == 4  # c_attn, c_proj, c_fc, mlp c_proj of the one block
     assert calls["layer_norm_ps"] == 3  # ln_1, ln_2, ln_f
     assert calls["clip_coef"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+class _Broken:
+    """Stands in for triton_ops where Triton cannot compile or launch (no compiler, unsupported GPU)."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"cannot compile {name}")
+
+        return fail
+
+
+def test_kernel_failure_falls_back_to_the_same_maths_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(K, "_MODE", "auto")
+    monkeypatch.setattr(K, "_ops", _Broken())
+    monkeypatch.setattr(K, "active", lambda *ts: True)
+    a, g = torch.randn(3, 9, 5), torch.randn(3, 9, 4)
+    with caplog.at_level("WARNING", logger="groupclip.kernels"):
+        got = K.ghost_partials(a, g).sum(1)
+    assert K._ops is None  # switched off for the rest of the run
+    assert "ghost_partials failed" in caplog.text
+    assert rel(got, ghost_ref(a, g)).max() <= 1e-5
+    parts = make_parts(3, b=3)
+    monkeypatch.setattr(K, "_ops", _Broken())
+    assert rel(K.clip_coef(parts, "automatic", C, SCALE, OUT_SCALE, GAMMA, R),
+               coef_ref(parts, "automatic")).max() <= 1e-5
+    assert K._ops is None
+
+
+def test_kernel_failure_is_raised_in_force_mode(monkeypatch):
+    monkeypatch.setattr(K, "_MODE", "force")
+    monkeypatch.setattr(K, "_ops", _Broken())
+    with pytest.raises(RuntimeError, match="cannot compile"):
+        K.ghost_partials(torch.randn(2, 4, 3), torch.randn(2, 4, 3))

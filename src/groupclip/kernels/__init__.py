@@ -26,6 +26,25 @@ except Exception as e:  # no Triton, or no compiler for it: the PyTorch path is 
 _FAST = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _run(name: str, *args):
+    """Call a Triton op. If it cannot be compiled or launched here (no C compiler for Triton's launcher, an
+    unsupported GPU), log it once and return None: the caller then computes the same quantity with PyTorch
+    operations (the same maths, so nothing about privacy changes). Out-of-memory errors, and every error in
+    `force` mode (tests), propagate."""
+    global _ops
+    try:
+        return getattr(_ops, name)(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if _MODE == "force":
+            raise
+        log.warning("groupclip: the Triton kernel %s failed (%s: %s); using PyTorch operations from now on "
+                    "(set GROUPCLIP_TRITON=0 to skip Triton)", name, type(e).__name__, e)
+        _ops = None
+        return None
+
+
 def active(*ts: torch.Tensor) -> bool:
     """Whether the Triton path handles these tensors."""
     if _ops is None or any(t.dtype not in _FAST for t in ts):
@@ -54,7 +73,9 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if active(a, g):
         if a.dtype != g.dtype:  # the kernel reads both operands in one dtype
             a = a.to(g.dtype)
-        return _ops.ghost_partials(a, g)
+        out = _run("ghost_partials", a, g)
+        if out is not None:
+            return out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))
     gg = torch.bmm(g.to(acc), g.to(acc).transpose(1, 2))
@@ -65,7 +86,9 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def layer_norm_ps(x, mean, rstd, g, weight: bool, bias: bool):
     """Per-sample Σ_t g ⊙ (x − mean)·rstd and Σ_t g, each (B, D) in float32 (float64 for float64 input)."""
     if active(x, g) and x.stride(-1) == 1 and g.stride(-1) == 1:
-        return _ops.layer_norm_ps(x, mean.reshape(-1), rstd.reshape(-1), g, weight, bias)
+        out = _run("layer_norm_ps", x, mean.reshape(-1), rstd.reshape(-1), g, weight, bias)
+        if out is not None:
+            return out
     acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
     g = g.to(acc)
     gw = (g * ((x.to(acc) - mean) * rstd)).sum(1) if weight else None
@@ -86,10 +109,13 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
         # entries) are reduced first by PyTorch's parallel reduction
         parts = [(_row_sums(t, sq), True) if t.shape[1] > WIDE else (t if t.stride(-1) == 1 else t.contiguous(), sq)
                  for t, sq in parts]
-        while len(parts) > 4:
-            head = _ops.clip_coef(parts[:4], "norm2", c, scale, out_scale, gamma, r)
-            parts = [(head[:, None], True)] + parts[4:]
-        return _ops.clip_coef(parts, kind, c, scale, out_scale, gamma, r)
+        while len(parts) > 4 and _ops is not None:
+            head = _run("clip_coef", parts[:4], "norm2", c, scale, out_scale, gamma, r)
+            if head is not None:
+                parts = [(head[:, None], True)] + parts[4:]
+        out = _run("clip_coef", parts, kind, c, scale, out_scale, gamma, r) if _ops is not None else None
+        if out is not None:
+            return out
     acc = torch.float64 if any(t.dtype == torch.float64 for t, _ in parts) else torch.float32
     n2 = None
     for t, sq in parts:
