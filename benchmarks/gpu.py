@@ -261,10 +261,8 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
             "capped": hi is None, "cap": int(cap_factor * nominal)}
 
 
-def profile_config(workload, mode, precision, path):
-    """Top kernels by device time for a few steps of one configuration (appended to `path`)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def warm_setup(workload, mode, precision):
+    """A configuration with one batch of data, after three warm-up steps."""
     reset()
     s = Setup(workload, mode, precision)
     gen = torch.Generator(DEV).manual_seed(1)
@@ -272,6 +270,14 @@ def profile_config(workload, mode, precision, path):
     for _ in range(3):
         s.step(x, y)
     sync()
+    return s, x, y
+
+
+def profile_config(workload, mode, precision, path):
+    """Top kernels by device time for a few steps of one configuration (appended to `path`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s, x, y = warm_setup(workload, mode, precision)
     # host time to enqueue one step (no sync) against its wall time: equal means the step is CPU-bound
     enqueue, wall = [], []
     for _ in range(5):
@@ -307,13 +313,7 @@ def pyprofile_config(workload, mode, precision, path):
     import io
     import pstats
 
-    reset()
-    s = Setup(workload, mode, precision)
-    gen = torch.Generator(DEV).manual_seed(1)
-    x, y = make_batch(s.kind, s.batch, s.seq, gen, s.small)
-    for _ in range(3):
-        s.step(x, y)
-    sync()
+    s, x, y = warm_setup(workload, mode, precision)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(5):

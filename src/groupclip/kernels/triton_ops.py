@@ -22,6 +22,27 @@ _TILE = 128
 
 
 @triton.jit
+def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
+               BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+    """(BT, BT) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features."""
+    acc = tl.zeros((BT, BT), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        mk = kk < D
+        base = ptr + b * s_b + kk[None, :] * s_d
+        x = tl.load(base + ti[:, None] * s_t, mask=mi[:, None] & mk[None, :], other=0.0)
+        y = tl.load(base + tj[:, None] * s_t, mask=mj[:, None] & mk[None, :], other=0.0)
+        if FP32:
+            if TF32:
+                acc = tl.dot(x, tl.trans(y), acc, input_precision="tf32")
+            else:
+                acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(y), acc)
+    return acc
+
+
+@triton.jit
 def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT,
                   BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
@@ -33,34 +54,8 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t
         tj = j * BT + tl.arange(0, BT)
         mi = ti < T
         mj = tj < T
-        acc_a = tl.zeros((BT, BT), dtype=tl.float32)
-        for k0 in range(0, DA, BK):
-            kk = k0 + tl.arange(0, BK)
-            mk = kk < DA
-            base = a_ptr + b * sa_b + kk[None, :] * sa_d
-            x = tl.load(base + ti[:, None] * sa_t, mask=mi[:, None] & mk[None, :], other=0.0)
-            y = tl.load(base + tj[:, None] * sa_t, mask=mj[:, None] & mk[None, :], other=0.0)
-            if FP32:
-                if TF32:
-                    acc_a = tl.dot(x, tl.trans(y), acc_a, input_precision="tf32")
-                else:
-                    acc_a = tl.dot(x, tl.trans(y), acc_a, input_precision="ieee")
-            else:
-                acc_a = tl.dot(x, tl.trans(y), acc_a)
-        acc_g = tl.zeros((BT, BT), dtype=tl.float32)
-        for k0 in range(0, DG, BK):
-            kk = k0 + tl.arange(0, BK)
-            mk = kk < DG
-            base = g_ptr + b * sg_b + kk[None, :] * sg_d
-            x = tl.load(base + ti[:, None] * sg_t, mask=mi[:, None] & mk[None, :], other=0.0)
-            y = tl.load(base + tj[:, None] * sg_t, mask=mj[:, None] & mk[None, :], other=0.0)
-            if FP32:
-                if TF32:
-                    acc_g = tl.dot(x, tl.trans(y), acc_g, input_precision="tf32")
-                else:
-                    acc_g = tl.dot(x, tl.trans(y), acc_g, input_precision="ieee")
-            else:
-                acc_g = tl.dot(x, tl.trans(y), acc_g)
+        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BT, BK, FP32, TF32)
+        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BT, BK, FP32, TF32)
         total = tl.sum(tl.sum(acc_a * acc_g, axis=1), axis=0)
         if j < i:
             total = total * 2.0
