@@ -379,3 +379,19 @@ def test_kernel_failure_is_raised_in_force_mode(monkeypatch):
     monkeypatch.setattr(K, "_ops", _Broken())
     with pytest.raises(RuntimeError, match="cannot compile"):
         K.ghost_partials(torch.randn(2, 4, 3), torch.randn(2, 4, 3))
+
+
+def test_ghost_kernel_choice_by_sequence_length(monkeypatch):
+    """Up to GHOST_KERNEL_MAX_T positions, and at any T that is not a multiple of 8, the fused kernel; a
+    negative limit turns it off."""
+    monkeypatch.setattr(K, "_MODE", "auto")
+    monkeypatch.setattr(K, "active", lambda *ts: True)
+    monkeypatch.setattr(K, "GHOST_KERNEL_MAX_T", 256)
+
+    def choice(t):
+        return K.use_ghost_kernel(torch.empty(2, t, 3), torch.empty(2, t, 5))
+
+    assert choice(256) and choice(197) and choice(1001)
+    assert not choice(1024)
+    monkeypatch.setattr(K, "GHOST_KERNEL_MAX_T", -1)
+    assert not choice(197) and not choice(16)
