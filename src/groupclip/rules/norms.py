@@ -114,10 +114,6 @@ class LayerNormRule(_NormRule):
         return torch.ops.aten.native_layer_norm_backward(
             g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
 
-    def _xhat(self, use, with_grad_to=None):
-        x, _, _, mean, rstd = use.saved
-        return (x - mean) * rstd
-
     def _ps(self, use, name):
         """Both per-sample gradients in one pass over (x, g): Σ_t g ⊙ x̂ and Σ_t g."""
         key = "ps_" + name
