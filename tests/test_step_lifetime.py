@@ -88,3 +88,47 @@ def test_batch_size_is_not_taken_from_a_broadcast_argument():
         norm = torch.sqrt(model.lin.weight.grad.pow(2).sum() + model.lin.bias.grad.pow(2).sum())
         want += model.lin.weight.grad / (norm + 0.01) / 6
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+class NormBetween(nn.Module):
+    """Linear -> LayerNorm -> Linear; remembers (weakly) the LayerNorm's input, which its rule saves."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        self.seen: list = []
+
+    def forward(self, x):
+        h = self.a(x)
+        self.seen.append(weakref.ref(h))
+        return self.b(torch.tanh(self.norm(h)))
+
+
+def test_waiting_norm_use_drops_its_input_and_gradient_before_backward_ends():
+    """All-layer clipping keeps a use until the last norm is known; a LayerNorm use keeps only its (B, C)
+    per-sample gradients from then on, not its (B, T, C) input and output gradient."""
+    model = NormBetween()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=40, noise_multiplier=0.0,
+                                         groups="all-layer")
+    waited, input_alive = [], []
+    reduce, arrive = engine.hub.on_wait, engine.hub.on_use
+
+    def spy_wait(use, names):
+        reduce(use, names)
+        if use.unit.module is model.norm:
+            waited.append((use.saved, use.grad_out))
+
+    def spy_use(st, use):
+        if use.unit.module is model.a:  # the next layer back: the LayerNorm's autograd node is done by now
+            gc.collect()
+            input_alive.append(model.seen[-1]() is not None)
+        arrive(st, use)
+
+    engine.hub.on_wait, engine.hub.on_use = spy_wait, spy_use
+    model(torch.randn(4, 7, 5)).pow(2).mean().backward()
+    assert waited == [((), None)]
+    assert input_alive == [False]  # the (B, T, C) input itself is gone while backward goes on
+    assert all(p.grad is not None for p in model.parameters())

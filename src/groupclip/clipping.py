@@ -163,18 +163,19 @@ class Clipper:
                 p.grad.add_(total)
 
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
-        """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop
-        instantiated per-sample gradients, so only (input, output grad) stay alive until the group completes."""
-        if not names or not use.unit.rule.in_function:
-            return
+        """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop what the
+        clipped sum will not need (instantiated per-sample gradients; for rules with small cached per-sample
+        gradients, the saved input and output gradient too) until the group completes."""
+        rule = use.unit.rule
         by_group: dict[int, list[str]] = {}
         for n in names:
             by_group.setdefault(self._group_of[id(use.unit.params[n])], []).append(n)
         early = use.cache.setdefault("n2g", {})
         for k, ns in by_group.items():
             if k not in early:
-                early[k] = (clip_coef(use.unit.rule.norm_parts(use, tuple(ns)), "norm2"), set(ns))
+                early[k] = (clip_coef(rule.norm_parts(use, tuple(ns)), "norm2"), set(ns))
         use.cache.pop("G", None)
+        rule.compact(use)
 
     def _shared_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
         """‖Σ_u G_u‖² of one tensor with several uses (tied weights, a layer called twice), with cross terms."""

@@ -74,6 +74,11 @@ class Rule:
     def factors(self, use: Use, name: str) -> Factors | None:
         return None
 
+    def compact(self, use: Use) -> None:
+        """Called for a use that waits for later uses of its group, after its norms are known: drop what the
+        clipped sum will not need (rules whose per-sample gradients are small and already cached drop the
+        saved input and the output gradient)."""
+
 
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample squared norms of (B, ...) in float32 or wider, in one reduction pass."""

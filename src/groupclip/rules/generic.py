@@ -118,5 +118,9 @@ class GenericRule(Rule):
     def per_sample(self, use, name):
         return use.cache["ps"][name]
 
+    def compact(self, use):
+        if "ps" in use.cache:  # computed when the output gradient arrived: inputs and gradient are done with
+            use.saved, use.grad_out = (), None
+
     def clipped_sum(self, use, coef, name):
         return coef_sum(coef, use.cache["ps"][name], use.unit.params[name])

@@ -87,6 +87,12 @@ class _NormRule(Rule):
     def per_sample(self, use, name):
         return self._ps(use, name)
 
+    def compact(self, use):
+        for n in use.names:  # the per-sample gradients, (B, C) each, are all the clipped sum needs
+            self._ps(use, n)
+        use.saved, use.grad_out = (), None
+        use.cache.pop("xh", None)
+
     def clipped_sum(self, use, coef, name):
         return coef_sum(coef, self._ps(use, name), use.unit.params[name])
 
