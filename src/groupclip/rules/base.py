@@ -125,6 +125,10 @@ class WeightBiasRule(Rule):
     def norms2(self, use, names):
         return {n: kernels.clip_coef(self.norm_parts(use, (n,)), "norm2") for n in names}
 
+    def compact(self, use):
+        # the weight (or its autocast copy) served the input gradient only; the input stays for the sums
+        use.saved = use.saved[:1]
+
     def clipped_sum(self, use, coef, name):
         p = use.unit.params[name]
         if name == "bias":
