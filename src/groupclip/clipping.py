@@ -19,8 +19,8 @@ from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
-__all__ = ["CLIPPING", "GROUP_STYLES", "Clipper", "Groups", "build_groups", "clip_factor"]
 GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
+__all__ = ["CLIPPING", "GROUP_STYLES", "Clipper", "Groups", "build_groups", "clip_factor"]
 
 
 @dataclass

@@ -95,8 +95,9 @@ class WeightBiasRule(Rule):
     """Shared norm / sum logic of layers with a matrix-like weight and a bias (linear, convolution).
 
     Subclasses give `_bias_ps` (per-sample bias gradients), `per_sample` (instantiated weight gradients,
-    cached as use.cache["G"]), `_weight_ghost` (the ghost norm², or None when instantiation is cheaper) and
-    `_weight_sum` (Σ coef_i G_i without instantiating G).
+    cached as use.cache["G"]), `_weight_ghost` (the ghost norm², or None when instantiation is cheaper; or
+    `_weight_ghost_part`, the same as a norm source for `kernels.clip_coef`) and `_weight_sum` (Σ coef_i G_i
+    without instantiating G).
     """
 
     def _bias_ps(self, use: Use) -> torch.Tensor:

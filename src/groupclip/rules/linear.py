@@ -89,11 +89,6 @@ class LinearRule(WeightBiasRule):
             use.cache["gb"] = g.sum(1, dtype=acc_dtype(g))
         return use.cache["gb"]
 
-    def _weight_ghost(self, use):
-        f = self.factors(use, "weight")
-        b, t, r = f.rows.shape
-        return ghost_inner(f, f) if prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()) else None
-
     def _weight_ghost_part(self, use):
         f = self.factors(use, "weight")
         b, t, r = f.rows.shape
