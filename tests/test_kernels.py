@@ -120,6 +120,13 @@ def test_ghost_partials_non_contiguous(calls, dtype):
     assert rel(K.ghost_partials(a2, g2).sum(1), ghost_ref(a2, g2)).max() <= 1e-5
 
 
+def test_layer_norm_ps_empty_batch(calls):
+    x = torch.randn(0, 200, 40, device=DEV)  # a long sequence: would split T if there were samples
+    mean = torch.zeros(0, 200, 1, device=DEV)
+    gw, gb = K.layer_norm_ps(x, mean, mean, x.clone(), True, True)
+    assert gw.shape == (0, 40) and gb.shape == (0, 40)
+
+
 def test_ghost_partials_empty_batch(calls):
     a, g = torch.randn(0, 70, 8, device=DEV), torch.randn(0, 70, 5, device=DEV)
     out = K.ghost_partials(a, g)

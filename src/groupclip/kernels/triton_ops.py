@@ -122,7 +122,7 @@ def layer_norm_ps(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: to
     bsz, t, d = x.shape
     bd = min(bd, triton.next_power_of_2(d))
     nd = triton.cdiv(d, bd)
-    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(programs, max(1, bsz * nd))))
+    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(programs, bsz * nd))) if bsz else 1
     t_per = triton.cdiv(max(t, 1), splits)
     splits = triton.cdiv(max(t, 1), t_per)
     shape = (splits, bsz, d) if splits > 1 else (bsz, d)
