@@ -54,9 +54,10 @@ def active(*ts: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------ ghost norms
 #: The fused ghost-norm kernel is used up to this many positions T, and at any T that is not a multiple of 8
-#: (where cuBLAS would need padded copies). On an H100 it beat the two padded cuBLAS Gram products plus the
-#: product-and-sum at every benchmarked shape (T = 197 to 1024: 1.5-3x); larger T rarely takes the ghost path
-#: at all (instantiation is cheaper there). Environment: GROUPCLIP_GHOST_KERNEL_MAX_T; negative turns it off.
+#: (where cuBLAS would need padded copies). On an H100 it was 1.0-2.2x as fast as the two padded cuBLAS Gram
+#: products plus the product-and-sum at every benchmarked shape (T = 197 to 1024; never slower); larger T rarely
+#: takes the ghost path at all (instantiation is cheaper there). Environment: GROUPCLIP_GHOST_KERNEL_MAX_T;
+#: negative turns it off.
 GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
 
 

@@ -123,9 +123,6 @@ class WeightBiasRule(Rule):
             parts.append(ghost if ghost is not None else (self.per_sample(use, name).flatten(1), False))
         return parts
 
-    def norms2(self, use, names):
-        return {n: kernels.clip_coef(self.norm_parts(use, (n,)), "norm2") for n in names}
-
     def compact(self, use):
         # the weight (or its autocast copy) served the input gradient only; the input stays for the sums
         use.saved = use.saved[:1]
