@@ -105,8 +105,12 @@ class Clipper:
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
         self._members = [{id(p) for p in ps} for ps in groups.params]
         self._group_of = groups.index()
+        self._plans: dict[tuple, tuple[tuple[str, nn.Parameter], ...]] = {}  # (group, unit, names) -> members
 
     def __call__(self, k: int, uses: list[Use]) -> None:
+        if len(uses) == 1 and "n2g" not in uses[0].cache:
+            self._single(k, uses[0])
+            return
         batch = uses[0].batch_size
         if any(u.batch_size != batch for u in uses):
             raise EngineError(
@@ -148,10 +152,7 @@ class Clipper:
             else:
                 dt = acc_dtype(*vecs)
                 parts.append((torch.stack([v.to(dt) for v in vecs], 1), True))
-        # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
-        scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        coef = clip_coef(parts, self.kind, self.groups.thresholds[k], scale, scale / self.batch_size,
-                         self.gamma, self.psac_r)
+        coef = self._coef(k, parts, batch)
         for p, pu in by_param.values():
             total = None
             for u, n in pu:
@@ -161,6 +162,31 @@ class Clipper:
                 p.grad = total.contiguous()
             else:
                 p.grad.add_(total)
+
+    def _coef(self, k: int, parts: list[tuple[torch.Tensor, bool]], batch: int) -> torch.Tensor:
+        # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        return clip_coef(parts, self.kind, self.groups.thresholds[k], scale, scale / self.batch_size,
+                         self.gamma, self.psac_r)
+
+    def _single(self, k: int, u: Use) -> None:
+        """The common case (every layer-wise group): one use, each of its parameters used once."""
+        key = (k, id(u.unit), u.extra["names"])
+        plan = self._plans.get(key)
+        if plan is None:
+            members = self._members[k]
+            plan = self._plans[key] = tuple((n, u.unit.params[n]) for n in u.names
+                                            if id(u.unit.params[n]) in members)
+        if not plan:
+            return
+        rule = u.unit.rule
+        coef = self._coef(k, rule.norm_parts(u, tuple(n for n, _ in plan)), u.batch_size)
+        for n, p in plan:
+            g = rule.clipped_sum(u, coef, n)
+            if p.grad is None:
+                p.grad = g.contiguous()
+            else:
+                p.grad.add_(g)
 
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
         """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop what the

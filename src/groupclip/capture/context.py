@@ -28,7 +28,7 @@ class Use:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.extra["names"])
+        return self.extra["names"]
 
 
 class StepState:
