@@ -106,26 +106,6 @@ def test_ghost_partials_sum_to_per_sample_norms(calls, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", FP16, ids=str)
-@pytest.mark.parametrize("shape", GHOST_SHAPES, ids=lambda s: "B{}-T{}-Da{}-Dg{}".format(*s))
-def test_ghost_partials_also_sum_g(calls, shape, dtype):
-    """With sums=True the same launch also returns Σ_t g_t per sample (a bias's per-sample gradient), summed
-    over every tile of rows."""
-    b, t, da, dg = shape
-    s = torch.logspace(-1, 1, b, dtype=torch.float64)[:, None, None]
-    a = (torch.randn(b, t, da, dtype=torch.float64) * s).to(dtype).to(DEV)
-    g = (torch.randn(b, t, dg, dtype=torch.float64) / s + 0.3).to(dtype).to(DEV)
-    out, gb = K.ghost_partials(a, g, sums=True)
-    assert calls["ghost_partials"] == 1
-    assert gb.shape == (b, dg) and gb.dtype == torch.float32
-    assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
-    ref = g.double().sum(1)
-    err = (gb.double() - ref).norm(dim=1) / ref.norm(dim=1)
-    assert err.max() <= 1e-6, err
-    t_out, t_gb = _torch_path(K.ghost_partials, a, g, sums=True)
-    assert (t_gb.double() - ref).norm(dim=1).div(ref.norm(dim=1)).max() <= 1e-6
-
-
-@pytest.mark.parametrize("dtype", FP16, ids=str)
 def test_ghost_partials_non_contiguous(calls, dtype):
     b, t, da, dg = 3, 70, 36, 19
     # a: transposed storage (time is the fastest dim); g: a slice along the last dim of a wider tensor
@@ -135,17 +115,9 @@ def test_ghost_partials_non_contiguous(calls, dtype):
     out = K.ghost_partials(a, g)
     assert calls["ghost_partials"] == 1
     assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
-    _, gb = K.ghost_partials(a, g, sums=True)
-    assert (gb.double() - g.double().sum(1)).norm() <= 1e-6 * g.double().sum(1).norm()
     # every other sample of the batch: a non-unit batch stride too
     a2, g2 = torch.randn(6, t, da, dtype=dtype, device=DEV)[::2], torch.randn(6, t, dg, dtype=dtype, device=DEV)[1::2]
     assert rel(K.ghost_partials(a2, g2).sum(1), ghost_ref(a2, g2)).max() <= 1e-5
-
-
-def test_ghost_partials_no_positions(calls):
-    a, g = torch.randn(3, 0, 8, device=DEV), torch.randn(3, 0, 5, device=DEV)
-    out, gb = K.ghost_partials(a, g, sums=True)
-    assert torch.equal(out.sum(1), torch.zeros(3, device=DEV)) and torch.equal(gb, torch.zeros(3, 5, device=DEV))
 
 
 def test_layer_norm_ps_empty_batch(calls):
@@ -160,8 +132,6 @@ def test_ghost_partials_empty_batch(calls):
     out = K.ghost_partials(a, g)
     assert calls["ghost_partials"] == 1
     assert out.dim() == 2 and out.shape[0] == 0
-    out, gb = K.ghost_partials(a, g, sums=True)
-    assert out.shape[0] == 0 and gb.shape == (0, 5)
     assert K.clip_coef([(out, True)], "automatic").shape == (0,)
 
 
@@ -378,8 +348,7 @@ def test_engine_gpt2(calls, monkeypatch, groups, clipping):
     c = spread_C(model, lm_loss, (ids,)) if clipping == "abadi" else 1.0
     check_against_oracle(model, lm_loss, (ids,), C=c, clipping=clipping, groups=groups,
                          rtol=1e-4, dtype=torch.float32)
-    # c_attn, c_proj, c_fc, mlp c_proj of the one block, and the tied lm_head's own term of wte's norm
-    assert calls["ghost_partials"] == 5
+    assert calls["ghost_partials"] == 4  # c_attn, c_proj, c_fc, mlp c_proj of the one block
     assert calls["layer_norm_ps"] == 3  # ln_1, ln_2, ln_f
     assert calls["clip_coef"] >= 1
 

@@ -69,23 +69,18 @@ def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0
 
 
-def ghost_partials(a: torch.Tensor, g: torch.Tensor, sums: bool = False):
-    """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype.
-
-    With `sums`, returns (partials, Σ_t g_t) where the second, (B, Dg) in float32 (float64 for float64 input),
-    is the per-sample gradient of a bias added after the product: the kernel's diagonal tiles read every row
-    of g anyway."""
+def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype."""
     if active(a, g):
         if a.dtype != g.dtype:  # the kernel reads both operands in one dtype
             a = a.to(g.dtype)
-        out = _run("ghost_partials", a, g, sums)
+        out = _run("ghost_partials", a, g)
         if out is not None:
             return out
-    acc = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))
     gg = torch.bmm(g.to(acc), g.to(acc).transpose(1, 2))
-    out = (aa * gg).sum(dim=(1, 2))[:, None]
-    return (out, g.sum(1, dtype=acc)) if sums else out
+    return (aa * gg).sum(dim=(1, 2))[:, None]
 
 
 # ------------------------------------------------------------------------------ LayerNorm

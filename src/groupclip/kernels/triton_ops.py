@@ -22,10 +22,9 @@ _TILE = 128
 
 
 @triton.jit
-def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D, sum_ptr, do_sum,
-               BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr, SUMS: tl.constexpr):
-    """(BT, BT) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features.
-    With SUMS and `do_sum` (a diagonal tile), also stores the column sums of rows ti, (D,) float32, at sum_ptr."""
+def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
+               BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+    """(BT, BT) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features."""
     acc = tl.zeros((BT, BT), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
@@ -33,9 +32,6 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D, sum_ptr, do_sum,
         base = ptr + b * s_b + kk[None, :] * s_d
         x = tl.load(base + ti[:, None] * s_t, mask=mi[:, None] & mk[None, :], other=0.0)
         y = tl.load(base + tj[:, None] * s_t, mask=mj[:, None] & mk[None, :], other=0.0)
-        if SUMS:
-            if do_sum:
-                tl.store(sum_ptr + kk, tl.sum(x.to(tl.float32), axis=0), mask=mk)
         if FP32:
             if TF32:
                 acc = tl.dot(x, tl.trans(y), acc, input_precision="tf32")
@@ -47,8 +43,8 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D, sum_ptr, do_sum,
 
 
 @triton.jit
-def _ghost_kernel(a_ptr, g_ptr, out_ptr, sums_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT, NB,
-                  BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr, SUMS: tl.constexpr):
+def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT,
+                  BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
     i = tl.program_id(1)
     j = tl.program_id(2)
@@ -58,40 +54,32 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, sums_ptr, T, DA, DG, sa_b, sa_t, sa_d, 
         tj = j * BT + tl.arange(0, BT)
         mi = ti < T
         mj = tj < T
-        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, sums_ptr, False,
-                           BT, BK, FP32, TF32, False)
-        # the diagonal tiles read every row of g once: they also give Σ_t g_t (a bias's per-sample gradient)
-        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, sums_ptr + (i * NB + b) * DG, i == j,
-                           BT, BK, FP32, TF32, SUMS)
+        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BT, BK, FP32, TF32)
+        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BT, BK, FP32, TF32)
         total = tl.sum(tl.sum(acc_a * acc_g, axis=1), axis=0)
         if j < i:
             total = total * 2.0
     tl.store(out_ptr + b * NT * NT + i * NT + j, total)
 
 
-def ghost_partials(a: torch.Tensor, g: torch.Tensor, sums: bool = False, tile: int = _TILE, bk: int | None = None,
-                   num_warps: int = 8, num_stages: int = 4):
-    """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ. With `sums`,
-    also Σ_t g_t per sample, (B, Dg) float32 (a bias's per-sample gradient), from the same pass over g."""
+def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int | None = None,
+                   num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
+    """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ."""
     bsz, t, da = a.shape
     dg = g.shape[2]
     nt = triton.cdiv(max(t, 1), tile)
     out = torch.empty((bsz, nt * nt), device=a.device, dtype=torch.float32)
-    part = torch.empty((nt, bsz, dg), device=a.device, dtype=torch.float32) if sums else out
-    if bsz == 0 or t == 0:
-        if t == 0:
-            out.zero_()
-            part.zero_()
-        return (out, part[0] if nt == 1 else part.sum(0)) if sums else out
+    if bsz == 0:
+        return out
     fp32 = a.dtype == torch.float32
     _ghost_kernel[(bsz, nt, nt)](
-        a, g, out, part, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2),
-        nt, bsz, BT=tile, BK=bk or (32 if fp32 else 64), FP32=fp32,
-        TF32=bool(torch.backends.cuda.matmul.allow_tf32), SUMS=sums, num_warps=num_warps, num_stages=num_stages,
+        a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), nt,
+        # float32 fits three pipeline stages of 64-wide steps in shared memory (H100, against 32-wide steps in four
+        # stages: up to 21% faster at the benchmark's shapes, 16% slower at one; benchmarks/NOTES.md)
+        BT=tile, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
     )
-    if not sums:
-        return out
-    return out, (part[0] if nt == 1 else part.sum(0))
+    return out
 
 
 @triton.jit

@@ -96,18 +96,8 @@ class LinearRule(WeightBiasRule):
             return None
         if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
             rows, cols = common(f.rows, f.cols)
-            a, g = (rows, cols) if self.transposed else (cols, rows)
-            if "bias" in use.names and "gb" not in use.cache and g.dtype == use.grad_out.dtype:
-                # the same pass over g gives the bias's per-sample gradients
-                part, use.cache["gb"] = kernels.ghost_partials(a, g, sums=True)
-                return part, True
-            return kernels.ghost_partials(a, g), True
+            return kernels.ghost_partials(cols, rows), True
         return ghost_inner(f, f)[:, None], True
-
-    def norm_parts(self, use, names):
-        if "weight" in names and names[0] != "weight":  # the weight's ghost kernel can give the bias's sums
-            names = ("weight", *(n for n in names if n != "weight"))
-        return super().norm_parts(use, names)
 
     def _weight_sum(self, use, coef, p):
         f = self.factors(use, "weight")
