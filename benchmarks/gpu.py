@@ -396,9 +396,9 @@ KERNEL_SHAPES = [  # (name, B, T, Da, Dg): the ghost norms of the benchmark's la
     ("vit-attn", 128, 197, 768, 768), ("vit-mlp-up", 128, 197, 768, 3072), ("vit-mlp-down", 128, 197, 3072, 768),
     ("gpt2-256-qkv", 64, 256, 768, 2304), ("gpt2-256-mlp", 64, 256, 768, 3072),
     ("gpt2-1024-qkv", 16, 1024, 768, 2304), ("gpt2-1024-mlp", 16, 1024, 3072, 768),
-    # the tied output layer of GPT-2: g is the (B, T, 50257) logits gradient, rows 50257 elements apart
-    ("gpt2-256-lm-head", 64, 256, 768, 50257),
 ]
+#: GPT-2's (tied) output layer: g is the (B, T, 50257) logits gradient, rows 50257 elements apart
+LM_HEAD_SHAPES = [("gpt2-256-lm-head", 64, 256, 768, 50257), ("gpt2-1024-lm-head", 16, 1024, 768, 50257)]
 GHOST_VARIANTS = [  # (tile, bk, warps, stages); the first is the default
     (128, None, 8, None), (128, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
 ]
@@ -469,7 +469,6 @@ def check_kernels() -> list[dict]:
             a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
             g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
             row = {"bench": "ghost", "shape": name, "dtype": str(dt)}
-            # (a tied output layer's g is wider than 8192: the PyTorch path takes aligned chunk copies of it)
             row["torch_ms"] = bench(_ghost_torch, Factors(g, a))
             for tile, bk, warps, stages in GHOST_VARIANTS:
                 key = f"triton_{tile}_{bk}_{warps}_{stages}"
@@ -490,6 +489,28 @@ def check_kernels() -> list[dict]:
                                                              bt, bd, warps, progs)
         out.append(row)
         log("kernel bench", json.dumps(out[-1]))
+    # the output layer's norm three ways: ghost (aligned chunk copies of g + cuBLAS Grams), the fused kernel on g
+    # in place, per-sample products a few samples at a time (chunked_norms)
+    from groupclip.rules.base import chunked_norms
+
+    for name, b, t, da, dg in LM_HEAD_SHAPES:
+        for dt in (torch.bfloat16, torch.float32):
+            a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
+            g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
+            reset()
+            row = {"bench": "lm_head_norm", "shape": name, "dtype": str(dt),
+                   "ghost_torch_ms": bench(_ghost_torch, Factors(g, a)),
+                   "ghost_triton_ms": bench(triton_ops.ghost_partials, a, g),
+                   "chunked_norms_ms": bench(chunked_norms, g, a)}
+            reset()
+            before = torch.cuda.memory_allocated()
+            chunked_norms(g, a)
+            row["chunked_norms_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+            ref = _ghost_torch(Factors(g, a))
+            row["chunked_rel_err"] = float(((chunked_norms(g, a) - ref).abs() / ref).max())
+            log("kernel bench", json.dumps(row))
+            out.append(row)
+            del a, g
     return out
 
 

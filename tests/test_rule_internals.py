@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from groupclip.rules import base
+from groupclip.rules import base, linear
 
 
 def test_padded_gram_equals_plain():
@@ -115,3 +115,39 @@ def test_ghost_and_instantiated_norms_agree(monkeypatch, kind, groups):
     inst = _clipped_grads(model_fn, x, y, groups)
     for n in ghost:
         torch.testing.assert_close(inst[n], ghost[n], rtol=1e-10, atol=1e-12)
+    if kind == "conv":
+        return
+    # a third way for layers too large to instantiate for the whole batch: a few samples' G_i at a time, norms
+    # only (here one sample a round), the clipped sums from the factors
+    monkeypatch.setattr(base, "INSTANTIATE_MAX_BYTES", 0)
+    monkeypatch.setattr(base, "NORM_CHUNK_BYTES", 1)
+    monkeypatch.setattr(linear, "prefer_chunks", lambda *args: True)
+    widths = []
+    orig = linear.chunked_norms
+    monkeypatch.setattr(linear, "chunked_norms", lambda r, c: widths.append(r.shape[2]) or orig(r, c))
+    chunks = _clipped_grads(model_fn, x, y, groups)
+    # every linear layer took it; in GPT-2 also the tied output layer (40 rows: the vocabulary), whose norm is
+    # that of wte's summed gradient
+    assert len(widths) == {"linear": 2, "gpt2": 5}[kind] and (kind != "gpt2" or 40 in widths), widths
+    for n in ghost:
+        torch.testing.assert_close(chunks[n], ghost[n], rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_norms_match_float64_per_sample_gradients(monkeypatch):
+    """A few samples' G_i per round (here 2, with a ragged last round), rows not a multiple of 8."""
+    g = torch.Generator().manual_seed(4)
+    r, c = torch.randn(5, 7, 13, generator=g), torch.randn(5, 7, 6, generator=g) * torch.arange(1, 6)[:, None, None]
+    monkeypatch.setattr(base, "NORM_CHUNK_BYTES", 2 * 13 * 6 * 4)
+    got = base.chunked_norms(r, c)
+    ref = torch.stack([(r[i].double().T @ c[i].double()).square().sum() for i in range(5)])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
+    assert base.chunked_norms(r[:0], c[:0]).shape == (0,)
+
+
+def test_chunks_only_where_ghost_costs_more_than_a_second_product():
+    # GPT-2's tied output layer (50257 x 768), bf16: too large to instantiate for the batch at either length;
+    # ghost at T=256 (T(R+C) = 1.3e7 < R·C = 3.9e7), chunks at T=1024 (5.2e7 > 3.9e7)
+    assert base.prefer_ghost(256, 50257, 768, 64, 2) and not base.prefer_chunks(256, 50257, 768, 64, 2)
+    assert base.prefer_ghost(1024, 50257, 768, 16, 2) and base.prefer_chunks(1024, 50257, 768, 16, 2)
+    # small enough to instantiate for the whole batch (and cache for the clipped sum): never chunks
+    assert not base.prefer_chunks(1024, 768, 3072, 16, 2)

@@ -207,11 +207,16 @@ class Clipper:
         """‖Σ_u G_u‖² of one tensor with several uses (tied weights, a layer called twice), with cross terms."""
         facs = [u.unit.rule.factors(u, n) for u, n in pu]
         if all(f is not None for f in facs):
+            # each use's own ‖G_u‖² by its rule's own choice (ghost, fused kernel, instantiation), the cross
+            # terms <G_u, G_v> as ghost inner products
             total = 0
             for a in range(len(pu)):
                 for b in range(a, len(pu)):
-                    inner = ghost_inner(facs[a], facs[b])
-                    total = total + (inner if a == b else 2.0 * inner)
+                    if a == b:
+                        u, n = pu[a]
+                        total = total + clip_coef(u.unit.rule.norm_parts(u, (n,)), "norm2")
+                    else:
+                        total = total + 2.0 * ghost_inner(facs[a], facs[b])
             return total
         summed = None
         for u, n in pu:

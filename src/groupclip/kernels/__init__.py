@@ -61,9 +61,16 @@ def active(*ts: torch.Tensor) -> bool:
 GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
 
 
+#: Wider operands (a 50257-word output layer) are read faster by cuBLAS from aligned copies: 3.26 ms against the
+#: kernel's 3.87 ms in bf16 at B=64, T=256 on an H100 (rows 50257 elements apart defeat vector loads).
+GHOST_KERNEL_MAX_D = 8192
+
+
 def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the fused kernel should compute the ghost norm of a (B,T,·), g (B,T,·)."""
     if not active(a, g) or GHOST_KERNEL_MAX_T < 0:
+        return False
+    if _MODE != "force" and max(a.shape[2], g.shape[2]) > GHOST_KERNEL_MAX_D:
         return False
     t = a.shape[1]
     return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0

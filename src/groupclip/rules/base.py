@@ -295,3 +295,32 @@ def prefer_ghost(t: int, rows: int, cols: int, batch: int = 1, elem_size: int = 
     if batch * rows * cols * elem_size > INSTANTIATE_MAX_BYTES:
         return True
     return t * t * (rows + cols) < GHOST_BALANCE * rows * cols
+
+
+#: Per round of `chunked_norms`: at most this many bytes of instantiated per-sample gradients.
+NORM_CHUNK_BYTES = 256 * 2**20
+
+
+def prefer_chunks(t: int, rows: int, cols: int, batch: int = 1, elem_size: int = 4) -> bool:
+    """For a layer too large to instantiate the whole batch's G_i (so `prefer_ghost` is True): whether ghost norms
+    cost more multiply-adds, T²(R+C) a sample, than instantiating G_i once more, T·R·C, a few samples at a time
+    (`chunked_norms`). A GPT-2 output layer (50257×768) at T=1024 is one: its ghost Gram over 50257 columns is
+    1.4 times the multiply-adds of the product and runs on misaligned rows."""
+    if batch * rows * cols * elem_size <= INSTANTIATE_MAX_BYTES:
+        return False
+    return t * (rows + cols) > rows * cols
+
+
+def chunked_norms(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """‖Σ_t r_t c_tᵀ‖² per sample, (B,), from G_i = r_iᵀ c_i instantiated a few samples at a time (never cached:
+    the clipped sum uses the factors)."""
+    r, c = common(r, c)
+    b, _, rows = r.shape
+    k = max(1, NORM_CHUNK_BYTES // max(1, rows * c.shape[2] * 4))
+    out = []
+    for i in range(0, b, k):
+        rr, cc = r[i : i + k], c[i : i + k]
+        if rr.is_cuda:  # aligned leading dimensions (a 50257-word layer's rows are not); zero rows add nothing
+            rr, cc = _pad_dim(rr, 2), _pad_dim(cc, 2)
+        out.append(sq_norms(bmm_acc(rr.transpose(1, 2), cc)))
+    return torch.cat(out) if out else r.new_zeros(0, dtype=acc_dtype(r))

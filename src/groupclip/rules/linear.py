@@ -15,9 +15,11 @@ from groupclip.rules.base import (
     WeightBiasRule,
     _TensorMemo,
     acc_dtype,
+    chunked_norms,
     common,
     ghost_inner,
     mm_into,
+    prefer_chunks,
     prefer_ghost,
 )
 
@@ -94,6 +96,8 @@ class LinearRule(WeightBiasRule):
         b, t, r = f.rows.shape
         if not prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
             return None
+        if prefer_chunks(t, r, f.cols.shape[2], b, f.cols.element_size()):
+            return chunked_norms(f.rows, f.cols)[:, None], True
         if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
             rows, cols = common(f.rows, f.cols)
             return kernels.ghost_partials(cols, rows), True
