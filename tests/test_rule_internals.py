@@ -149,5 +149,6 @@ def test_chunks_only_where_ghost_costs_more_than_a_second_product():
     # ghost at T=256 (T(R+C) = 1.3e7 < R·C = 3.9e7), chunks at T=1024 (5.2e7 > 3.9e7)
     assert base.prefer_ghost(256, 50257, 768, 64, 2) and not base.prefer_chunks(256, 50257, 768, 64, 2)
     assert base.prefer_ghost(1024, 50257, 768, 16, 2) and base.prefer_chunks(1024, 50257, 768, 16, 2)
-    # small enough to instantiate for the whole batch (and cache for the clipped sum): never chunks
+    # small enough to instantiate for the whole batch (and cache for the clipped sum), or float32: never chunks
     assert not base.prefer_chunks(1024, 768, 3072, 16, 2)
+    assert not base.prefer_chunks(1024, 50257, 768, 16, 4)
