@@ -399,8 +399,9 @@ KERNEL_SHAPES = [  # (name, B, T, Da, Dg): the ghost norms of the benchmark's la
 ]
 #: GPT-2's (tied) output layer: g is the (B, T, 50257) logits gradient, rows 50257 elements apart
 LM_HEAD_SHAPES = [("gpt2-256-lm-head", 64, 256, 768, 50257), ("gpt2-1024-lm-head", 16, 1024, 768, 50257)]
-GHOST_VARIANTS = [  # (tile, bk, warps, stages); the first is the default
-    (128, None, 8, None), (128, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+GHOST_VARIANTS = [  # (tile rows, tile columns, bk, warps, stages); the first is the default
+    (128, 128, None, 8, None), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, None, 4, None),
+    (128, 64, None, 8, None), (64, 128, None, 4, None), (64, 64, 64, 4, 3),
 ]
 
 
@@ -470,10 +471,10 @@ def check_kernels() -> list[dict]:
             g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
             row = {"bench": "ghost", "shape": name, "dtype": str(dt)}
             row["torch_ms"] = bench(_ghost_torch, Factors(g, a))
-            for tile, bk, warps, stages in GHOST_VARIANTS:
-                key = f"triton_{tile}_{bk}_{warps}_{stages}"
+            for tile, tile_j, bk, warps, stages in GHOST_VARIANTS:
+                key = f"triton_{tile}x{tile_j}_{bk}_{warps}_{stages}"
                 try:
-                    row[key] = bench(triton_ops.ghost_partials, a, g, tile, bk, warps, stages)
+                    row[key] = bench(triton_ops.ghost_partials, a, g, tile, bk, warps, stages, tile_j)
                 except Exception as e:
                     row[key] = f"{type(e).__name__}: {str(e)[:100]}"
             log("kernel bench", json.dumps(row))

@@ -105,6 +105,19 @@ def test_ghost_partials_sum_to_per_sample_norms(calls, shape, dtype):
     assert rel(_torch_path(K.ghost_partials, a, g).sum(1), ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (16, 16)], ids=lambda t: "{}x{}".format(*t))
+@pytest.mark.parametrize("t", [1, 16, 37, 50])
+def test_ghost_kernel_rectangular_tiles(t, tiles):
+    """Tiles of BI rows by BJ columns: blocks wholly below the diagonal count twice, blocks across it are weighted
+    pair by pair (twice below, once on, never above the diagonal)."""
+    if K._ops is None:
+        pytest.skip("no Triton kernels")
+    a = torch.randn(3, t, 24, device=DEV) * torch.tensor([0.5, 1.0, 3.0], device=DEV)[:, None, None]
+    g = torch.randn(3, t, 40, device=DEV)
+    out = K._ops.ghost_partials(a, g, tiles[0], 16, 4, 1, tiles[1])
+    assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", FP16, ids=str)
 def test_ghost_partials_non_contiguous(calls, dtype):
     b, t, da, dg = 3, 70, 36, 19

@@ -23,9 +23,9 @@ _TILE = 128
 
 @triton.jit
 def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
-               BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
-    """(BT, BT) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features."""
-    acc = tl.zeros((BT, BT), dtype=tl.float32)
+               BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+    """(BI, BJ) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features."""
+    acc = tl.zeros((BI, BJ), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
         mk = kk < D
@@ -43,40 +43,46 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
 
 
 @triton.jit
-def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NT,
-                  BT: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NI, NJ,
+                  BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
     i = tl.program_id(1)
     j = tl.program_id(2)
     total = 0.0
-    if j <= i:
-        ti = i * BT + tl.arange(0, BT)
-        tj = j * BT + tl.arange(0, BT)
+    if j * BJ < (i + 1) * BI:  # the tile holds pairs (t, s) with s <= t
+        ti = i * BI + tl.arange(0, BI)
+        tj = j * BJ + tl.arange(0, BJ)
         mi = ti < T
         mj = tj < T
-        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BT, BK, FP32, TF32)
-        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BT, BK, FP32, TF32)
-        total = tl.sum(tl.sum(acc_a * acc_g, axis=1), axis=0)
-        if j < i:
-            total = total * 2.0
-    tl.store(out_ptr + b * NT * NT + i * NT + j, total)
+        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BI, BJ, BK, FP32, TF32)
+        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BI, BJ, BK, FP32, TF32)
+        prod = acc_a * acc_g
+        if (j + 1) * BJ <= i * BI:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
+            total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
+        else:  # on the diagonal: pairs below it twice, the diagonal once, pairs above it not at all
+            below = tj[None, :] < ti[:, None]
+            w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
+            total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
+    tl.store(out_ptr + b * NI * NJ + i * NJ + j, total)
 
 
 def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int | None = None,
-                   num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
-    """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ."""
+                   num_warps: int = 8, num_stages: int | None = None, tile_j: int | None = None) -> torch.Tensor:
+    """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ: one program
+    per (tile rows × tile_j columns) block of the lower triangle of (t, s) pairs."""
     bsz, t, da = a.shape
     dg = g.shape[2]
-    nt = triton.cdiv(max(t, 1), tile)
-    out = torch.empty((bsz, nt * nt), device=a.device, dtype=torch.float32)
+    bj = tile_j or tile
+    ni, nj = triton.cdiv(max(t, 1), tile), triton.cdiv(max(t, 1), bj)
+    out = torch.empty((bsz, ni * nj), device=a.device, dtype=torch.float32)
     if bsz == 0:
         return out
     fp32 = a.dtype == torch.float32
-    _ghost_kernel[(bsz, nt, nt)](
-        a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), nt,
+    _ghost_kernel[(bsz, ni, nj)](
+        a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), ni, nj,
         # float32 fits three pipeline stages of 64-wide steps in shared memory (H100, against 32-wide steps in four
         # stages: up to 21% faster at the benchmark's shapes, 16% slower at one; benchmarks/NOTES.md)
-        BT=tile, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        BI=tile, BJ=bj, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
         num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
     )
     return out
