@@ -437,6 +437,12 @@ def check_kernels() -> list[dict]:
         xh = (x.double() - mean.double()) * rstd.double()
         out.append({"kernel": "layer_norm_ps", "dtype": str(dt),
                     "rel_err": max(rel(gw, (g.double() * xh).sum(1)), rel(gb, g.double().sum(1)))})
+        w = torch.randn(300, device=DEV, generator=gen)
+        x64 = x.double().requires_grad_(True)
+        (dx_ref,) = torch.autograd.grad(F.layer_norm(x64, (300,), w.double(), None, 1e-5), x64, g.double())
+        dx, gw, gb = triton_ops.layer_norm_backward(x, mean.reshape(-1), rstd.reshape(-1), g, w)
+        out.append({"kernel": "layer_norm_backward", "dtype": str(dt),
+                    "rel_err": max(rel(dx, dx_ref), rel(gw, (g.double() * xh).sum(1)), rel(gb, g.double().sum(1)))})
     parts = [(torch.randn(64, 300, device=DEV, generator=gen), False),
              (torch.rand(64, 16, device=DEV, generator=gen), True)]
     for kind in ("norm2", "automatic", "abadi", "autov", "psac"):
@@ -488,6 +494,13 @@ def check_kernels() -> list[dict]:
         for bt, bd, warps, progs in LN_VARIANTS:
             row[f"triton_{bt}_{bd}_{warps}_{progs}"] = bench(triton_ops.layer_norm_ps, x, m, r, g, True, True,
                                                              bt, bd, warps, progs)
+        # the whole LayerNorm backward: PyTorch's input gradient + the per-sample kernel, or one fused pass
+        w = torch.randn(768, device=DEV, generator=gen)
+        row["native_input_grad_ms"] = bench(_ln_native_dx, x, mean, rstd, g, w)
+        row["native_plus_ps_ms"] = bench(_ln_native_plus_ps, x, mean, rstd, g, w)
+        for warps in (4, 8):
+            for progs in (528, 1056):
+                row[f"fused_{warps}_{progs}_ms"] = bench(triton_ops.layer_norm_backward, x, m, r, g, w, warps, progs)
         out.append(row)
         log("kernel bench", json.dumps(out[-1]))
     # the output layer's norm three ways: ghost (aligned chunk copies of g + cuBLAS Grams), the fused kernel on g
@@ -521,6 +534,17 @@ def _ghost_torch(f):
 
     GRAMS.clear()
     return ghost_inner(f, f)
+
+
+def _ln_native_dx(x, mean, rstd, g, w):
+    return torch.ops.aten.native_layer_norm_backward(g, x, (x.shape[-1],), mean, rstd, w, None, [True, False, False])
+
+
+def _ln_native_plus_ps(x, mean, rstd, g, w):
+    from groupclip.kernels import triton_ops
+
+    _ln_native_dx(x, mean, rstd, g, w)
+    return triton_ops.layer_norm_ps(x, mean.reshape(-1), rstd.reshape(-1), g, True, True)
 
 
 def _ln_torch(x, mean, rstd, g):

@@ -33,7 +33,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(K, "_MODE", "force")
     assert K._ops is not None, "groupclip.kernels did not import its Triton kernels"
     count: collections.Counter = collections.Counter()
-    for name in ("ghost_partials", "layer_norm_ps", "clip_coef"):
+    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef"):
         fn = getattr(K._ops, name)
 
         def counted(*args, _fn=fn, _name=name, **kw):
@@ -192,6 +192,60 @@ def test_layer_norm_ps_strided(calls):
     assert (gb.double() - g.double().sum(1)).abs().max() <= 1e-4
 
 
+def _ln_backward_ref(x, g, w, b, mean, rstd, eps=1e-5):
+    """float64 input gradient of F.layer_norm by autograd, and the per-sample Σ_t g ⊙ x̂ and Σ_t g with x̂ from the
+    statistics the kernel is given (16-bit inputs on the CPU have 16-bit statistics)."""
+    x64 = x.double().requires_grad_(True)
+    d = x.shape[-1]
+    y = F.layer_norm(x64, (d,), None if w is None else w.double(), None if b is None else b.double(), eps)
+    (dx,) = torch.autograd.grad(y, x64, g.double())
+    xh = (x.double() - mean.double()) * rstd.double()
+    return dx, (g.double() * xh).sum(1), g.double().sum(1)
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("with_w", [True, False], ids=["w", "no-w"])
+@pytest.mark.parametrize("shape", [(2, 19, 300), (3, 5, 40), (1, 33, 257), (1, 150, 64), (4, 1, 768)],
+                         ids=lambda s: "B{}-T{}-D{}".format(*s))
+def test_layer_norm_backward(calls, shape, with_w, dtype):
+    """Input gradient (against float64 autograd of F.layer_norm) and per-sample weight/bias gradients, one pass."""
+    b, t, d = shape
+    x = (torch.randn(b, t, d) * 3 + 1).to(dtype).to(DEV)
+    g = torch.randn(b, t, d).to(dtype).to(DEV)
+    w = (1 + 0.3 * torch.randn(d)).to(dtype).to(DEV) if with_w else None
+    bias = (0.1 * torch.randn(d)).to(dtype).to(DEV)
+    _, mean, rstd = torch.native_layer_norm(x, (d,), w, bias, 1e-5)
+    dx, gw, gb = K.layer_norm_backward(x, mean, rstd, g, w)
+    assert calls["layer_norm_backward"] == 1
+    assert dx.shape == x.shape and dx.dtype == dtype and gw.shape == gb.shape == (b, d)
+    ref_dx, ref_w, ref_b = _ln_backward_ref(x, g, w, bias, mean, rstd)
+    # float32 arithmetic, then rounded to the input's dtype (16-bit: also from 16-bit statistics on the CPU)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert ((dx.double() - ref_dx).abs() <= tol * (ref_dx.abs() + ref_dx.abs().mean())).all(), \
+        (dx.double() - ref_dx).abs().max()
+    scale = (g.double().abs() * F.layer_norm(x.double(), (d,)).abs()).sum(1).clamp_min(1)
+    assert ((gw.double() - ref_w).abs() <= 1e-5 * scale).all()
+    assert ((gb.double() - ref_b).abs() <= 1e-5 * g.double().abs().sum(1).clamp_min(1)).all()
+
+
+def test_layer_norm_backward_strided_and_empty(calls):
+    b, t, d = 2, 70, 96
+    x = torch.randn(b, 2 * t, d + 8, device=DEV)[:, ::2, 4 : 4 + d]
+    g = torch.randn(b, t, d + 3, device=DEV)[:, :, :d]
+    w = torch.randn(d, device=DEV)
+    _, mean, rstd = torch.native_layer_norm(x, (d,), w, None, 1e-5)
+    dx, gw, gb = K.layer_norm_backward(x, mean, rstd, g, w)
+    ref_dx, ref_w, ref_b = _ln_backward_ref(x, g, w, None, mean, rstd)
+    assert (dx.double() - ref_dx).abs().max() <= 1e-4 and (gw.double() - ref_w).abs().max() <= 1e-4
+    assert (gb.double() - ref_b).abs().max() <= 1e-4
+    empty = torch.randn(0, 5, d, device=DEV)
+    dx, gw, gb = K.layer_norm_backward(empty, empty[..., :1], empty[..., :1], empty, w)
+    assert dx.shape == (0, 5, d) and gw.shape == gb.shape == (0, d)
+    # too wide for one program's rows: not taken (the caller uses PyTorch's backward)
+    wide = torch.randn(1, 2, K._ops.LN_BWD_MAX_D + 1, device=DEV)
+    assert K.layer_norm_backward(wide, wide[..., :1], wide[..., :1], wide, None) is None
+
+
 # ------------------------------------------------------------------------------------------------ coefficients
 KINDS = ["norm2", "automatic", "abadi", "autov", "psac"]
 C, SCALE, OUT_SCALE, GAMMA, R = 0.7, 3.0, 0.25, 0.05, 0.1
@@ -326,8 +380,39 @@ def test_engine_linear_layernorm(calls, monkeypatch, groups, clipping):
     check_against_oracle(model, weighted_mse, inputs, C=c, clipping=clipping, groups=groups, rtol=1e-4,
                          dtype=torch.float32)
     assert seen == [t, t], seen  # both Linear layers took the fused ghost kernel
-    assert calls["layer_norm_ps"] == 1
+    # the LayerNorm's input gradient and per-sample gradients in one fused pass
+    assert calls["layer_norm_backward"] == 1 and calls["layer_norm_ps"] == 0
     assert calls["clip_coef"] >= 1
+
+
+class NormFirst(nn.Module):
+    """LayerNorm straight on the input (no input gradient needed: the per-sample-only kernel), then a Linear and
+    a second LayerNorm whose weight is frozen (the fused backward, bias only)."""
+
+    def __init__(self, d=40):
+        super().__init__()
+        self.first = nn.LayerNorm(d)
+        self.mid = nn.Linear(d, d)
+        self.last = nn.LayerNorm(d)
+        with torch.no_grad():
+            for m in (self.first, self.last):
+                m.weight.add_(0.2 * torch.randn(d))
+                m.bias.add_(0.2 * torch.randn(d))
+        self.last.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.mid(self.first(x)))).tanh()
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+def test_engine_layer_norm_paths(calls, groups):
+    model = NormFirst()
+    x, target, w = make_mse_inputs(model, torch.randn(3, 21, 40))
+    inputs = tuple(v.to(DEV) for v in (x, target, w))
+    model.to(DEV)
+    check_against_oracle(model, weighted_mse, inputs, C=1.0, clipping="automatic", groups=groups, rtol=1e-4,
+                         dtype=torch.float32)
+    assert calls["layer_norm_ps"] == 1 and calls["layer_norm_backward"] == 1
 
 
 def gpt2(transformers):
@@ -363,7 +448,7 @@ def test_engine_gpt2(calls, monkeypatch, groups, clipping):
                          rtol=1e-4, dtype=torch.float32)
     # c_attn, c_proj, c_fc, mlp c_proj of the one block, and the tied lm_head's own term of wte's norm
     assert calls["ghost_partials"] == 5
-    assert calls["layer_norm_ps"] == 3  # ln_1, ln_2, ln_f
+    assert calls["layer_norm_backward"] == 3 and calls["layer_norm_ps"] == 0  # ln_1, ln_2, ln_f
     assert calls["clip_coef"] >= 1
 
 

@@ -104,6 +104,16 @@ def layer_norm_ps(x, mean, rstd, g, weight: bool, bias: bool):
     return gw, gb
 
 
+def layer_norm_backward(x, mean, rstd, g, w):
+    """LayerNorm's input gradient and per-sample (weight, bias) gradients in one pass, or None where the fused
+    kernel does not apply (then PyTorch's backward and `layer_norm_ps` give the same). x, g (B, T, D); mean,
+    rstd (B, T, 1); w (D,) or None."""
+    if not (active(x, g) and x.stride(-1) == 1 and g.stride(-1) == 1 and x.shape[-1] <= _ops.LN_BWD_MAX_D
+            and (w is None or w.is_contiguous())):
+        return None
+    return _run("layer_norm_backward", x, mean.reshape(-1), rstd.reshape(-1), g, w)
+
+
 # ------------------------------------------------------------------------------ coefficients
 def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0, scale: float = 1.0,
               out_scale: float = 1.0, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:

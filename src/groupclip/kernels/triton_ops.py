@@ -6,6 +6,8 @@ Each replaces a chain of small PyTorch operations by one launch:
   sample; only the lower triangle of tiles is computed (the Gram products are symmetric) and neither Gram
   matrix is written to memory. Each program writes its partial sum; the partials are summed by `clip_coef`.
 * `layer_norm_ps`: per-sample LayerNorm gradients Σ_t g ⊙ x̂ and Σ_t g from (x, mean, 1/std, g) in one pass.
+* `layer_norm_backward`: the same per-sample gradients and LayerNorm's input gradient in one pass (a row per
+  thread block row: the input gradient needs whole rows).
 * `clip_coef`: per-sample squared norms from up to four sources (raw per-sample values or partial sums),
   and the clip coefficient φ(‖g_i‖)·scale/B of one group.
 """
@@ -148,6 +150,72 @@ def layer_norm_ps(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: to
         gw = None if gw is None else gw.sum(0)
         gb = None if gb is None else gb.sum(0)
     return gw, gb
+
+
+@triton.jit
+def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_ptr, T, D, T_PER,
+                   sx_b, sx_t, sg_b, sg_t, so_s, HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    dd = tl.arange(0, BD)
+    md = dd < D
+    if HAS_W:
+        w = tl.load(w_ptr + dd, mask=md, other=0.0).to(tl.float32)
+    acc_w = tl.zeros((BD,), dtype=tl.float32)
+    acc_b = tl.zeros((BD,), dtype=tl.float32)
+    t_end = tl.minimum(T, (split + 1) * T_PER)
+    for t0 in range(split * T_PER, t_end, BT):
+        tt = t0 + tl.arange(0, BT)
+        mt = tt < t_end
+        m2 = mt[:, None] & md[None, :]
+        x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+        rs = tl.load(rstd_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+        xh = tl.where(m2, (x - mu[:, None]) * rs[:, None], 0.0)
+        acc_w += tl.sum(g * xh, axis=0)
+        acc_b += tl.sum(g, axis=0)
+        if HAS_W:
+            gw = g * w[None, :]
+        else:
+            gw = g
+        c1 = tl.sum(gw * xh, axis=1) / D
+        c2 = tl.sum(gw, axis=1) / D
+        dx = (gw - xh * c1[:, None] - c2[:, None]) * rs[:, None]
+        tl.store(dx_ptr + (b * T + tt[:, None]) * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    out = split * so_s + b * D + dd
+    tl.store(gw_ptr + out, acc_w, mask=md)
+    tl.store(gb_ptr + out, acc_b, mask=md)
+
+
+#: widest LayerNorm the fused backward takes (one program holds whole rows)
+LN_BWD_MAX_D = 8192
+
+
+def layer_norm_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor,
+                        w: torch.Tensor | None, num_warps: int = 8, programs: int = _LN_PROGRAMS):
+    """LayerNorm's input gradient (B, T, D) in x's dtype together with the per-sample gradients of its weight and
+    bias, Σ_t g ⊙ x̂ and Σ_t g, (B, D) float32, in one pass over (x, g); x and g with unit last stride, mean and
+    rstd holding B·T values in (b, t) order."""
+    bsz, t, d = x.shape
+    bd = triton.next_power_of_2(d)
+    bt = max(1, min(16, 4096 // bd))
+    splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(programs, max(bsz, 1))))
+    t_per = triton.cdiv(max(t, 1), splits)
+    splits = triton.cdiv(max(t, 1), t_per)
+    dx = torch.empty((bsz, t, d), device=x.device, dtype=x.dtype)
+    gw = torch.empty((splits, bsz, d), device=x.device, dtype=torch.float32)
+    gb = torch.empty((splits, bsz, d), device=x.device, dtype=torch.float32)
+    if bsz == 0 or t == 0:
+        return dx, gw.sum(0).zero_(), gb.sum(0).zero_()
+    _ln_bwd_kernel[(bsz, splits)](
+        x, g, gw if w is None else w, mean, rstd, dx, gw, gb, t, d, t_per,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), bsz * d,
+        HAS_W=w is not None, BT=bt, BD=bd, num_warps=num_warps,
+    )
+    if splits > 1:
+        return dx, gw.sum(0), gb.sum(0)
+    return dx, gw[0], gb[0]
 
 
 @triton.jit

@@ -116,9 +116,24 @@ class LayerNormRule(_NormRule):
         if not needs:
             return None
         x, w, b, mean, rstd = use.saved
+        bsz, t, d = self._btd(use)
+        fused = kernels.layer_norm_backward(x.reshape(bsz, t, d), mean.reshape(bsz, t, 1), rstd.reshape(bsz, t, 1),
+                                            use.grad_out.reshape(bsz, t, d), None if w is None else w.reshape(-1))
+        if fused is not None:  # the per-sample gradients came from the same pass
+            dx, gw, gb = fused
+            for n, v in (("weight", gw), ("bias", gb)):
+                if n in use.names:
+                    use.cache["ps_" + n] = v.view(bsz, *module.normalized_shape)
+            return dx.view(x.shape)
         g = use.grad_out if use.grad_out.dtype == x.dtype else use.grad_out.to(x.dtype)
         return torch.ops.aten.native_layer_norm_backward(
             g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
+
+    @staticmethod
+    def _btd(use) -> tuple[int, int, int]:
+        x, m = use.saved[0], use.unit.module
+        d = math.prod(m.normalized_shape)
+        return x.shape[0], math.prod(x.shape[1 : x.dim() - len(m.normalized_shape)]), d
 
     def _ps(self, use, name):
         """Both per-sample gradients in one pass over (x, g): Σ_t g ⊙ x̂ and Σ_t g."""
@@ -126,8 +141,7 @@ class LayerNormRule(_NormRule):
         if key not in use.cache:
             x, _, _, mean, rstd = use.saved
             m = use.unit.module
-            bsz, d = x.shape[0], math.prod(m.normalized_shape)
-            t = math.prod(x.shape[1 : x.dim() - len(m.normalized_shape)])
+            bsz, t, d = self._btd(use)
             x3, g3 = x.reshape(bsz, t, d), use.grad_out.reshape(bsz, t, d)
             names = use.names
             gw, gb = kernels.layer_norm_ps(x3, mean.reshape(bsz, t, 1), rstd.reshape(bsz, t, 1), g3,
