@@ -498,9 +498,9 @@ def check_kernels() -> list[dict]:
         w = torch.randn(768, device=DEV, generator=gen)
         row["native_input_grad_ms"] = bench(_ln_native_dx, x, mean, rstd, g, w)
         row["native_plus_ps_ms"] = bench(_ln_native_plus_ps, x, mean, rstd, g, w)
-        for warps in (4, 8):
-            for progs in (528, 1056):
-                row[f"fused_{warps}_{progs}_ms"] = bench(triton_ops.layer_norm_backward, x, m, r, g, w, warps, progs)
+        for warps, progs, rows in ((8, 528, None), (4, 1056, None), (8, 528, 8), (16, 528, 16), (4, 528, 2)):
+            row[f"fused_{warps}_{progs}_{rows}_ms"] = bench(triton_ops.layer_norm_backward, x, m, r, g, w, warps,
+                                                            progs, rows)
         out.append(row)
         log("kernel bench", json.dumps(out[-1]))
     # the output layer's norm three ways: ghost (aligned chunk copies of g + cuBLAS Grams), the fused kernel on g

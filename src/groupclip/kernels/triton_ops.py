@@ -193,29 +193,29 @@ LN_BWD_MAX_D = 8192
 
 
 def layer_norm_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor,
-                        w: torch.Tensor | None, num_warps: int = 8, programs: int = _LN_PROGRAMS):
+                        w: torch.Tensor | None, num_warps: int = 8, programs: int = _LN_PROGRAMS,
+                        rows: int | None = None):
     """LayerNorm's input gradient (B, T, D) in x's dtype together with the per-sample gradients of its weight and
     bias, Σ_t g ⊙ x̂ and Σ_t g, (B, D) float32, in one pass over (x, g); x and g with unit last stride, mean and
     rstd holding B·T values in (b, t) order."""
     bsz, t, d = x.shape
     bd = triton.next_power_of_2(d)
-    bt = max(1, min(16, 4096 // bd))
+    bt = rows or max(1, min(16, 4096 // bd))  # rows a step: 4 of up to 1024 features
     splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(programs, max(bsz, 1))))
     t_per = triton.cdiv(max(t, 1), splits)
     splits = triton.cdiv(max(t, 1), t_per)
     dx = torch.empty((bsz, t, d), device=x.device, dtype=x.dtype)
-    gw = torch.empty((splits, bsz, d), device=x.device, dtype=torch.float32)
-    gb = torch.empty((splits, bsz, d), device=x.device, dtype=torch.float32)
+    ps = torch.empty((2, splits, bsz, d), device=x.device, dtype=torch.float32)  # (weight, bias) partial sums
     if bsz == 0 or t == 0:
-        return dx, gw.sum(0).zero_(), gb.sum(0).zero_()
+        ps = ps.sum(1).zero_()
+        return dx, ps[0], ps[1]
     _ln_bwd_kernel[(bsz, splits)](
-        x, g, gw if w is None else w, mean, rstd, dx, gw, gb, t, d, t_per,
+        x, g, ps if w is None else w, mean, rstd, dx, ps[0], ps[1], t, d, t_per,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), bsz * d,
         HAS_W=w is not None, BT=bt, BD=bd, num_warps=num_warps,
     )
-    if splits > 1:
-        return dx, gw.sum(0), gb.sum(0)
-    return dx, gw[0], gb[0]
+    ps = ps.sum(1) if splits > 1 else ps[:, 0]
+    return dx, ps[0], ps[1]
 
 
 @triton.jit
