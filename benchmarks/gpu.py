@@ -400,8 +400,8 @@ KERNEL_SHAPES = [  # (name, B, T, Da, Dg): the ghost norms of the benchmark's la
 #: GPT-2's (tied) output layer: g is the (B, T, 50257) logits gradient, rows 50257 elements apart
 LM_HEAD_SHAPES = [("gpt2-256-lm-head", 64, 256, 768, 50257), ("gpt2-1024-lm-head", 16, 1024, 768, 50257)]
 GHOST_VARIANTS = [  # (tile rows, tile columns, bk, warps, stages); the first is the default
-    (128, 128, None, 8, None), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, None, 4, None),
-    (128, 64, None, 8, None), (64, 128, None, 4, None), (64, 64, 64, 4, 3),
+    (128, 128, None, 8, None), (128, 128, None, 4, None), (128, 128, 128, 8, 3), (128, 128, 64, 8, 2),
+    (128, 128, 32, 8, 5), (128, 128, 32, 4, 4), (64, 64, 64, 4, 3),
 ]
 
 
