@@ -415,6 +415,34 @@ def test_engine_layer_norm_paths(calls, groups):
     assert calls["layer_norm_ps"] == 1 and calls["layer_norm_backward"] == 1
 
 
+class NormShapes(nn.Module):
+    """A LayerNorm over the last two dims (rows of 4·10 features) and one without a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(10, 10)
+        self.two = nn.LayerNorm((4, 10))
+        self.nob = nn.LayerNorm(10, bias=False)
+        with torch.no_grad():
+            self.two.weight.add_(0.3 * torch.randn(4, 10))
+            self.two.bias.add_(0.3 * torch.randn(4, 10))
+            self.nob.weight.add_(0.3 * torch.randn(10))
+
+    def forward(self, x):
+        return self.nob(torch.tanh(self.two(self.inp(x)))).flatten(1)
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+def test_engine_layer_norm_shapes(calls, groups):
+    model = NormShapes()
+    x, target, w = make_mse_inputs(model, torch.randn(3, 4, 10))
+    inputs = tuple(v.to(DEV) for v in (x, target, w))
+    model.to(DEV)
+    check_against_oracle(model, weighted_mse, inputs, C=1.0, clipping="automatic", groups=groups, rtol=1e-4,
+                         dtype=torch.float32)
+    assert calls["layer_norm_backward"] == 2
+
+
 def gpt2(transformers):
     cfg = transformers.GPT2Config(
         vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
