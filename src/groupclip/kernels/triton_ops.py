@@ -200,7 +200,7 @@ def layer_norm_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     rstd holding B·T values in (b, t) order."""
     bsz, t, d = x.shape
     bd = triton.next_power_of_2(d)
-    bt = rows or max(1, min(16, 4096 // bd))  # rows a step: 4 of up to 1024 features
+    bt = rows or max(1, min(16, 4096 // bd))  # rows per step: 4096 values (4 rows at D = 768)
     splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(programs, max(bsz, 1))))
     t_per = triton.cdiv(max(t, 1), splits)
     splits = triton.cdiv(max(t, 1), t_per)

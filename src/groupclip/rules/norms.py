@@ -116,9 +116,12 @@ class LayerNormRule(_NormRule):
         if not needs:
             return None
         x, w, b, mean, rstd = use.saved
-        bsz, t, d = self._btd(use)
-        fused = kernels.layer_norm_backward(x.reshape(bsz, t, d), mean.reshape(bsz, t, 1), rstd.reshape(bsz, t, 1),
-                                            use.grad_out.reshape(bsz, t, d), None if w is None else w.reshape(-1))
+        fused = None
+        if kernels.active(x, use.grad_out):
+            bsz, t, d = self._btd(use)
+            fused = kernels.layer_norm_backward(x.reshape(bsz, t, d), mean.reshape(bsz, t, 1),
+                                                rstd.reshape(bsz, t, 1), use.grad_out.reshape(bsz, t, d),
+                                                None if w is None else w.reshape(-1))
         if fused is not None:  # the per-sample gradients came from the same pass
             dx, gw, gb = fused
             for n, v in (("weight", gw), ("bias", gb)):
