@@ -289,7 +289,7 @@ def make_parts(n: int, b: int = 7) -> list[tuple[torch.Tensor, bool]]:
     return parts
 
 
-@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("kind", KINDS)
 def test_clip_coef(calls, kind, n):
     parts = make_parts(n)

@@ -230,16 +230,8 @@ def _accumulate(acc, ptr, width, stride, b, SQ: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, c, scale, out_scale, gamma, r,
-                 SQ0: tl.constexpr, SQ1: tl.constexpr, SQ2: tl.constexpr, SQ3: tl.constexpr,
-                 KIND: tl.constexpr, BK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros((BK,), dtype=tl.float32)
-    acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
-    acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
-    acc = _accumulate(acc, p2, w2, s2, b, SQ2, BK)
-    acc = _accumulate(acc, p3, w3, s3, b, SQ3, BK)
-    n2 = tl.sum(acc, axis=0)
+def _phi(n2, c, scale, out_scale, gamma, r, KIND: tl.constexpr):
+    """The squared norm itself (KIND 0) or the clip coefficient out_scale·φ(scale·‖g‖)."""
     if KIND == 0:
         res = n2
     else:
@@ -253,7 +245,32 @@ def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, c, sca
         else:
             res = c / (norm + r / (norm + r))
         res = res * out_scale
-    tl.store(out_ptr + b, res)
+    return res
+
+
+@triton.jit
+def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, c, scale, out_scale, gamma, r,
+                 SQ0: tl.constexpr, SQ1: tl.constexpr, SQ2: tl.constexpr, SQ3: tl.constexpr,
+                 KIND: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
+    acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
+    acc = _accumulate(acc, p2, w2, s2, b, SQ2, BK)
+    acc = _accumulate(acc, p3, w3, s3, b, SQ3, BK)
+    tl.store(out_ptr + b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND))
+
+
+@triton.jit
+def _coef2_kernel(p0, w0, s0, p1, w1, s1, out_ptr, c, scale, out_scale, gamma, r,
+                  SQ0: tl.constexpr, SQ1: tl.constexpr, KIND: tl.constexpr, BK: tl.constexpr):
+    """`_coef_kernel` for at most two sources (a weight and a bias): half the arguments, and Triton's launcher
+    costs the host time per argument."""
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
+    acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
+    tl.store(out_ptr + b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND))
 
 
 def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale: float, out_scale: float,
@@ -268,13 +285,13 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale
     out = torch.empty((bsz,), device=t0.device, dtype=torch.float32)
     if bsz == 0:
         return out
-    args, flags = [], []
-    for i in range(4):
+    slots = 2 if len(parts) <= 2 else 4
+    args, flags = [], {}
+    for i in range(slots):
         t, sq = parts[i] if i < len(parts) else (t0, True)
-        width = t.shape[1] if i < len(parts) else 0
-        args += [t, width, t.stride(0)]
-        flags.append(not sq)
-    _coef_kernel[(bsz,)](*args, out, float(c), float(scale), float(out_scale), float(gamma), float(r),
-                         SQ0=flags[0], SQ1=flags[1], SQ2=flags[2], SQ3=flags[3], KIND=KINDS[kind], BK=512,
-                         num_warps=4)
+        args += [t, t.shape[1] if i < len(parts) else 0, t.stride(0)]
+        flags[f"SQ{i}"] = not sq
+    kernel = _coef2_kernel if slots == 2 else _coef_kernel
+    kernel[(bsz,)](*args, out, float(c), float(scale), float(out_scale), float(gamma), float(r),
+                   KIND=KINDS[kind], BK=512, num_warps=4, **flags)
     return out
