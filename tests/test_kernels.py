@@ -404,16 +404,6 @@ class NormFirst(nn.Module):
         return self.last(torch.tanh(self.mid(self.first(x)))).tanh()
 
 
-@pytest.mark.parametrize("groups", GROUPS)
-def test_engine_layer_norm_paths(calls, groups):
-    model = NormFirst()
-    x, target, w = make_mse_inputs(model, torch.randn(3, 21, 40))
-    inputs = tuple(v.to(DEV) for v in (x, target, w))
-    model.to(DEV)
-    check_against_oracle(model, weighted_mse, inputs, C=1.0, clipping="automatic", groups=groups, rtol=1e-4,
-                         dtype=torch.float32)
-    assert calls["layer_norm_ps"] == 1 and calls["layer_norm_backward"] == 1
-
 
 class NormShapes(nn.Module):
     """A LayerNorm over the last two dims (rows of 4·10 features) and one without a bias."""
@@ -432,15 +422,21 @@ class NormShapes(nn.Module):
         return self.nob(torch.tanh(self.two(self.inp(x)))).flatten(1)
 
 
+# (model, input shape, per-sample-only launches, fused backward launches)
+NORM_CASES = [(NormFirst, (3, 21, 40), 1, 1), (NormShapes, (3, 4, 10), 0, 2)]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: c[0].__name__)
 @pytest.mark.parametrize("groups", GROUPS)
-def test_engine_layer_norm_shapes(calls, groups):
-    model = NormShapes()
-    x, target, w = make_mse_inputs(model, torch.randn(3, 4, 10))
+def test_engine_layer_norm_paths(calls, groups, case):
+    model_cls, shape, n_ps, n_fused = case
+    model = model_cls()
+    x, target, w = make_mse_inputs(model, torch.randn(*shape))
     inputs = tuple(v.to(DEV) for v in (x, target, w))
     model.to(DEV)
     check_against_oracle(model, weighted_mse, inputs, C=1.0, clipping="automatic", groups=groups, rtol=1e-4,
                          dtype=torch.float32)
-    assert calls["layer_norm_backward"] == 2
+    assert calls["layer_norm_ps"] == n_ps and calls["layer_norm_backward"] == n_fused
 
 
 def gpt2(transformers):

@@ -91,6 +91,21 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int 
 
 
 @triton.jit
+def _ln_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, b, tt, mt, dd, md, T, sx_b, sx_t, sg_b, sg_t, NEED_X: tl.constexpr):
+    """Rows tt (valid where mt) and columns dd (valid where md) of one sample, in float32: g, and with NEED_X the
+    normalised input x̂ = (x − mean)·rstd (zero outside the valid block; g stands in for it otherwise), and rstd."""
+    m2 = mt[:, None] & md[None, :]
+    g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+    rs = tl.load(rstd_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+    xh = g
+    if NEED_X:
+        x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
+        xh = tl.where(m2, (x - mu[:, None]) * rs[:, None], 0.0)
+    return g, xh, rs
+
+
+@triton.jit
 def _ln_ps_kernel(x_ptr, mean_ptr, rstd_ptr, g_ptr, gw_ptr, gb_ptr, T, D, T_PER, sx_b, sx_t, sg_b, sg_t, so_s,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -102,14 +117,10 @@ def _ln_ps_kernel(x_ptr, mean_ptr, rstd_ptr, g_ptr, gw_ptr, gb_ptr, T, D, T_PER,
     t_end = tl.minimum(T, (split + 1) * T_PER)
     for t0 in range(split * T_PER, t_end, BT):
         tt = t0 + tl.arange(0, BT)
-        mt = tt < t_end
-        m2 = mt[:, None] & md[None, :]
-        g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        g, xh, _ = _ln_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, b, tt, tt < t_end, dd, md, T, sx_b, sx_t, sg_b, sg_t,
+                            HAS_W)
         if HAS_W:
-            x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-            mu = tl.load(mean_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
-            rs = tl.load(rstd_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
-            acc_w += tl.sum(g * (x - mu[:, None]) * rs[:, None], axis=0)
+            acc_w += tl.sum(g * xh, axis=0)
         if HAS_B:
             acc_b += tl.sum(g, axis=0)
     out = split * so_s + b * D + dd
@@ -167,12 +178,7 @@ def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_p
     for t0 in range(split * T_PER, t_end, BT):
         tt = t0 + tl.arange(0, BT)
         mt = tt < t_end
-        m2 = mt[:, None] & md[None, :]
-        x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
-        rs = tl.load(rstd_ptr + b * T + tt, mask=mt, other=0.0).to(tl.float32)
-        xh = tl.where(m2, (x - mu[:, None]) * rs[:, None], 0.0)
+        g, xh, rs = _ln_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, b, tt, mt, dd, md, T, sx_b, sx_t, sg_b, sg_t, True)
         acc_w += tl.sum(g * xh, axis=0)
         acc_b += tl.sum(g, axis=0)
         if HAS_W:
@@ -182,7 +188,8 @@ def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_p
         c1 = tl.sum(gw * xh, axis=1) / D
         c2 = tl.sum(gw, axis=1) / D
         dx = (gw - xh * c1[:, None] - c2[:, None]) * rs[:, None]
-        tl.store(dx_ptr + (b * T + tt[:, None]) * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
+        tl.store(dx_ptr + (b * T + tt[:, None]) * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mt[:, None] & md[None, :])
     out = split * so_s + b * D + dd
     tl.store(gw_ptr + out, acc_w, mask=md)
     tl.store(gb_ptr + out, acc_b, mask=md)
