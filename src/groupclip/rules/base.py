@@ -312,16 +312,16 @@ def prefer_chunks(t: int, rows: int, cols: int, batch: int = 1, elem_size: int =
     return t * (rows + cols) > rows * cols
 
 
-def chunked_norms(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def chunked_norms(r: torch.Tensor, c: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
     """‖Σ_t r_t c_tᵀ‖² per sample, (B,), from G_i = r_iᵀ c_i instantiated a few samples at a time (never cached:
-    the clipped sum uses the factors)."""
+    the clipped sum uses the factors). `pad` (default: on the GPU) zero-pads widths to multiples of 8."""
     r, c = common(r, c)
     b, _, rows = r.shape
     k = max(1, NORM_CHUNK_BYTES // max(1, rows * c.shape[2] * 4))
     out = []
     for i in range(0, b, k):
         rr, cc = r[i : i + k], c[i : i + k]
-        if rr.is_cuda:  # aligned leading dimensions (a 50257-word layer's rows are not); zero rows add nothing
+        if rr.is_cuda if pad is None else pad:  # aligned leading dimensions (a 50257-word layer's are not)
             rr, cc = _pad_dim(rr, 2), _pad_dim(cc, 2)
         out.append(sq_norms(bmm_acc(rr.transpose(1, 2), cc)))
     return torch.cat(out) if out else r.new_zeros(0, dtype=acc_dtype(r))
