@@ -92,6 +92,13 @@ def build_groups(
     return Groups(names, [[lookup[n] for n in g] for g in names], th)
 
 
+def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.contiguous()
+    else:
+        p.grad.add_(g)
+
+
 class Clipper:
     """Computes per-sample group norms from a group's uses, clips, and accumulates into p.grad."""
 
@@ -105,7 +112,7 @@ class Clipper:
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
         self._members = [{id(p) for p in ps} for ps in groups.params]
         self._group_of = groups.index()
-        self._plans: dict[tuple, tuple[tuple[str, nn.Parameter], ...]] = {}  # (group, unit, names) -> members
+        self._plans: dict[tuple, tuple[str, ...]] = {}  # (group, unit, names) -> the names in that group
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -158,10 +165,7 @@ class Clipper:
             for u, n in pu:
                 g = u.unit.rule.clipped_sum(u, coef, n)
                 total = g if total is None else total + g
-            if p.grad is None:
-                p.grad = total.contiguous()
-            else:
-                p.grad.add_(total)
+            _add_grad(p, total)
 
     def _coef(self, k: int, parts: list[tuple[torch.Tensor, bool]], batch: int) -> torch.Tensor:
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
@@ -171,22 +175,17 @@ class Clipper:
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
-        key = (k, id(u.unit), u.extra["names"])
-        plan = self._plans.get(key)
-        if plan is None:
+        key = (k, id(u.unit), u.names)
+        names = self._plans.get(key)
+        if names is None:
             members = self._members[k]
-            plan = self._plans[key] = tuple((n, u.unit.params[n]) for n in u.names
-                                            if id(u.unit.params[n]) in members)
-        if not plan:
+            names = self._plans[key] = tuple(n for n in u.names if id(u.unit.params[n]) in members)
+        if not names:
             return
         rule = u.unit.rule
-        coef = self._coef(k, rule.norm_parts(u, tuple(n for n, _ in plan)), u.batch_size)
-        for n, p in plan:
-            g = rule.clipped_sum(u, coef, n)
-            if p.grad is None:
-                p.grad = g.contiguous()
-            else:
-                p.grad.add_(g)
+        coef = self._coef(k, rule.norm_parts(u, names), u.batch_size)
+        for n in names:
+            _add_grad(u.unit.params[n], rule.clipped_sum(u, coef, n))
 
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
         """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop what the
@@ -210,13 +209,11 @@ class Clipper:
             # each use's own ‖G_u‖² by its rule's own choice (ghost, fused kernel, instantiation), the cross
             # terms <G_u, G_v> as ghost inner products
             total = 0
+            for u, n in pu:
+                total = total + clip_coef(u.unit.rule.norm_parts(u, (n,)), "norm2")
             for a in range(len(pu)):
-                for b in range(a, len(pu)):
-                    if a == b:
-                        u, n = pu[a]
-                        total = total + clip_coef(u.unit.rule.norm_parts(u, (n,)), "norm2")
-                    else:
-                        total = total + 2.0 * ghost_inner(facs[a], facs[b])
+                for b in range(a + 1, len(pu)):
+                    total = total + 2.0 * ghost_inner(facs[a], facs[b])
             return total
         summed = None
         for u, n in pu:

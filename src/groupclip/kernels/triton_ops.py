@@ -130,6 +130,14 @@ def _ln_ps_kernel(x_ptr, mean_ptr, rstd_ptr, g_ptr, gw_ptr, gb_ptr, T, D, T_PER,
         tl.store(gb_ptr + out, acc_b, mask=md)
 
 
+def _t_splits(t: int, min_rows: int, programs: int, others: int) -> tuple[int, int]:
+    """(splits, positions per split) of T positions over programs, so that `others` programs per split give about
+    `programs` in all, each split at least `min_rows` positions long."""
+    splits = max(1, min(triton.cdiv(t, min_rows), triton.cdiv(programs, others))) if others else 1
+    t_per = triton.cdiv(max(t, 1), splits)
+    return triton.cdiv(max(t, 1), t_per), t_per
+
+
 #: programs wanted per LayerNorm launch (about four waves on a 132-multiprocessor GPU; tuned on an H100)
 _LN_PROGRAMS = 528
 
@@ -143,9 +151,7 @@ def layer_norm_ps(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: to
     bsz, t, d = x.shape
     bd = min(bd, triton.next_power_of_2(d))
     nd = triton.cdiv(d, bd)
-    splits = max(1, min(triton.cdiv(t, 64), triton.cdiv(programs, bsz * nd))) if bsz else 1
-    t_per = triton.cdiv(max(t, 1), splits)
-    splits = triton.cdiv(max(t, 1), t_per)
+    splits, t_per = _t_splits(t, 64, programs, bsz * nd)
     shape = (splits, bsz, d) if splits > 1 else (bsz, d)
     gw = torch.empty(shape, device=x.device, dtype=torch.float32) if weight else None
     gb = torch.empty(shape, device=x.device, dtype=torch.float32) if bias else None
@@ -208,9 +214,7 @@ def layer_norm_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     bsz, t, d = x.shape
     bd = triton.next_power_of_2(d)
     bt = rows or max(1, min(16, 4096 // bd))  # rows per step: 4096 values (4 rows at D = 768)
-    splits = max(1, min(triton.cdiv(t, bt), triton.cdiv(programs, max(bsz, 1))))
-    t_per = triton.cdiv(max(t, 1), splits)
-    splits = triton.cdiv(max(t, 1), t_per)
+    splits, t_per = _t_splits(t, bt, programs, bsz)
     dx = torch.empty((bsz, t, d), device=x.device, dtype=x.dtype)
     ps = torch.empty((2, splits, bsz, d), device=x.device, dtype=torch.float32)  # (weight, bias) partial sums
     if bsz == 0 or t == 0:
