@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -36,7 +38,9 @@ WORKLOADS = {
     "gpt2-1024": {"kind": "gpt2", "batch": 16, "seq": 1024},
     "vit": {"kind": "vit", "batch": 128, "seq": 0},
 }
-MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "opacus-hooks", "opacus-ghost"]
+MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "opacus-hooks", "opacus-ghost",
+         "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
+GRAPH = "-graph"  # suffix: forward + backward replayed from a CUDA graph (groupclip.graphs.GraphedBackward)
 PRECISIONS = ["fp32", "bf16"]
 DEV = "cuda"
 
@@ -93,6 +97,9 @@ class Setup:
         self.kind, self.seq, self.small = w["kind"], w["seq"], w.get("small", False)
         self.batch = batch or w["batch"]
         self.mode, self.precision = mode, precision
+        self.graph = mode.endswith(GRAPH)
+        self.graphed = None
+        mode = mode.removesuffix(GRAPH)
         torch.manual_seed(0)
         self.model = build_model(self.kind, self.seq, self.small)
         self.model.train()
@@ -127,8 +134,24 @@ class Setup:
             self.model, self.opt, _ = pe.make_private(**kw)
         self.kind_wrapped = True
 
+    def loss(self, x, y):
+        ctx = torch.autocast(DEV, dtype=torch.bfloat16) if self.precision == "bf16" else _null()
+        with ctx:
+            return loss_of(self.kind, self.model, x, y)
+
     def step(self, x, y):
         self.opt.zero_grad(set_to_none=True)
+        if self.graph:  # captured at the first step (a warm-up step), replayed after
+            if self.graphed is None:
+                from groupclip.graphs import GraphedBackward
+
+                if self.engine is not None:
+                    self.graphed = self.engine.graphed_backward(self.loss, x, y)
+                else:
+                    self.graphed = GraphedBackward(self.loss, (x, y), self.model.parameters(), [self.model])
+            self.graphed(x, y)
+            self.opt.step()
+            return
         ctx = torch.autocast(DEV, dtype=torch.bfloat16) if self.precision == "bf16" else _null()
         with ctx:
             if self.mode.startswith("opacus"):
@@ -148,7 +171,7 @@ class Setup:
     def close(self):
         if self.engine is not None:
             self.engine.detach()
-        self.model = self.opt = self.engine = None
+        self.model = self.opt = self.engine = self.graphed = None
 
 
 class OpacusWrap(torch.nn.Module):
@@ -239,13 +262,16 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
             s.opt.zero_grad(set_to_none=True)
             return False
 
+    cap = int(cap_factor * nominal)
     lo, hi, b = 0, None, nominal
-    while b <= cap_factor * nominal:
-        if fits(b):
-            lo, b = b, int(b * 1.5)
-        else:
+    while True:  # grow by 1.5x, the last step to exactly the cap: "capped" means the cap itself fits
+        if not fits(b):
             hi = b
             break
+        lo = b
+        if b >= cap:
+            break
+        b = min(int(b * 1.5), cap)
     if hi is not None:
         for _ in range(4):
             if hi - lo <= max(1, nominal // 16):
@@ -258,7 +284,7 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
     s.close()
     reset()
     return {"workload": workload, "mode": mode, "precision": precision, "max_batch": lo,
-            "capped": hi is None, "cap": int(cap_factor * nominal)}
+            "capped": hi is None, "cap": cap}
 
 
 def warm_setup(workload, mode, precision):
@@ -336,27 +362,31 @@ def check_against_oracle() -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     out = []
-    for kind, seq in (("gpt2", 16), ("vit", 0)):
-        for groups in ("all-layer", "layer-wise"):
-            torch.manual_seed(0)
-            model = build_model(kind, seq, small=True).float()
-            ref = copy.deepcopy(model).double().cpu()
-            gen = torch.Generator(DEV).manual_seed(3)
-            x, y = make_batch(kind, 6, seq, gen, small=True)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                eng = groupclip.PrivacyEngine(model, opt, batch_size=6, sample_size=600, noise_multiplier=0.0,
-                                              max_grad_norm=1.0, clipping="automatic", groups=groups)
+    for kind, seq, groups, via in [(k, s, g, v) for k, s in (("gpt2", 16), ("vit", 0))
+                                   for g in ("all-layer", "layer-wise") for v in ("eager", "graph")]:
+        torch.manual_seed(0)
+        model = build_model(kind, seq, small=True).float()
+        ref = copy.deepcopy(model).double().cpu()
+        gen = torch.Generator(DEV).manual_seed(3)
+        x, y = make_batch(kind, 6, seq, gen, small=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eng = groupclip.PrivacyEngine(model, opt, batch_size=6, sample_size=600, noise_multiplier=0.0,
+                                          max_grad_norm=1.0, clipping="automatic", groups=groups)
+        if via == "graph":  # captured on another batch of the same shape, replayed on this one
+            other = make_batch(kind, 6, seq, gen, small=True)
+            eng.graphed_backward(functools.partial(loss_of, kind, model), *other)(x, y)
+        else:
             loss_of(kind, model, x, y).backward()
-            got = {n: p.grad.double().cpu() for n, p in model.named_parameters()}
-            eng.detach()
-            expect = _oracle(kind, ref, x.cpu() if kind == "gpt2" else x.double().cpu(), y.cpu(), groups, 6)
-            num = sum(((got[n] - expect[n]) ** 2).sum() for n in expect) ** 0.5
-            den = sum((expect[n] ** 2).sum() for n in expect) ** 0.5
-            rel = float(num / den)
-            out.append({"model": kind, "groups": groups, "rel_err": rel, "ok": rel <= 1e-3})
-            log("check", kind, groups, rel)
+        got = {n: p.grad.double().cpu() for n, p in model.named_parameters()}
+        eng.detach()
+        expect = _oracle(kind, ref, x.cpu() if kind == "gpt2" else x.double().cpu(), y.cpu(), groups, 6)
+        num = sum(((got[n] - expect[n]) ** 2).sum() for n in expect) ** 0.5
+        den = sum((expect[n] ** 2).sum() for n in expect) ** 0.5
+        rel = float(num / den)
+        out.append({"model": kind, "groups": groups, "via": via, "rel_err": rel, "ok": rel <= 1e-3})
+        log("check", kind, groups, via, rel)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return out
@@ -563,6 +593,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the phases already in --out (from an earlier run) and add this run's")
     ap.add_argument("--profile-out", default="profile.txt", help="where the profile phase writes its tables")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script (with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
@@ -598,6 +630,14 @@ def main():
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tf32": True,
                      "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0},
     }
+
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+        runs = earlier.pop("runs", [{k: earlier[k] for k in ("command", "date", "device", "versions", "settings")
+                                     if k in earlier}])
+        result = {**earlier, **result, "runs": [*runs, {k: result[k] for k in
+                                                        ("command", "date", "device", "versions", "settings")}]}
 
     def save():
         with open(args.out, "w") as f:
@@ -655,7 +695,8 @@ def summary(result) -> str:
     lines = []
     for c in result.get("check", []):
         verdict = "OK" if c["ok"] else "FAIL"
-        lines.append(f"check {c['model']:5s} {c['groups']:11s} rel_err={c['rel_err']:.2e} {verdict}")
+        lines.append(f"check {c['model']:5s} {c['groups']:11s} {c.get('via', 'eager'):5s} "
+                     f"rel_err={c['rel_err']:.2e} {verdict}")
     rows = result.get("time", [])
     base = {}
     for r in rows:

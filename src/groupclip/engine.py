@@ -183,6 +183,25 @@ class PrivacyEngine:
         return self.accountant.epsilon(self.delta if delta is None else delta,
                                        method=method or self.accountant_method)
 
+    def graphed_backward(self, loss_fn, *example, warmup: int = 3):
+        """Capture forward + clipped backward of `loss_fn(*example)` as a CUDA graph; returns `step` with
+        `loss = step(*batch)` doing what `loss = loss_fn(*batch); loss.backward()` does, without the host time
+        of launching each layer's kernels. `optimizer.zero_grad()` and `optimizer.step()` stay as they are.
+
+        `example` is a batch of the shape to capture (the graph replays batches of that shape; others run
+        eagerly). Put autocast inside `loss_fn`. See `groupclip.graphs.GraphedBackward` for what is captured.
+        """
+        from groupclip.graphs import GraphedBackward
+
+        self._check_attached()
+        return GraphedBackward(loss_fn, example, [p for _, p in self._named_params], [self.model],
+                               warmup=warmup, guard=self._check_attached)
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise EngineError("this PrivacyEngine was detached: its graphed steps no longer clip; make them again "
+                              "from a new engine")
+
     def data_loader(self, dataset, generator: torch.Generator | None = None, **kwargs):
         """A Poisson-sampled loader (rate q = batch_size / sample_size), split into physical batches of at
         most `max_physical_batch_size` with exactly one optimizer step per logical batch.

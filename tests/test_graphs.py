@@ -1,0 +1,274 @@
+"""engine.graphed_backward: forward + clipped backward captured once and replayed.
+
+On a CUDA machine these tests run the real CUDA-graph capture and replay (device "cuda"); everywhere they also
+run the same object without a graph (device "cpu"), which exercises everything around the replay: copying the
+batch into the captured inputs, pointing p.grad at the captured gradient buffers (fresh, accumulated or carried
+over), the eager fallback and the refusals. The reference is always the eager engine on an identical model, which
+the oracle suites check against one-sample-at-a-time float64 gradients; one test here also compares with the
+oracle directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import TiedEmbedLinear, TinyViT, seeded
+from oracle import oracle_grads
+from torch import nn
+
+import groupclip
+from groupclip import EngineError
+from groupclip.graphs import GraphedBackward
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+B = 6
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not private")
+        yield
+
+
+def dtype_of(device: str) -> torch.dtype:
+    return torch.float64 if device == "cpu" else torch.float32
+
+
+def tol(device: str) -> float:
+    return 1e-12 if device == "cpu" else 2e-5
+
+
+def vit_batch(device, gen, b=B):
+    x = torch.randn(b, 4, 6, generator=gen, dtype=torch.float64).to(device, dtype_of(device))
+    y = torch.randint(0, 3, (b,), generator=gen).to(device)
+    return x, y
+
+
+def vit_loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def tied_batch(device, gen, b=B):
+    ids = torch.randint(0, 13, (b, 5), generator=gen).to(device)
+    return ids, torch.randint(0, 13, (b, 5), generator=gen).to(device)
+
+
+def tied_loss(model, ids, target):
+    return F.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+
+
+CASES = {"tinyvit": (TinyViT, vit_batch, vit_loss), "tied": (TiedEmbedLinear, tied_batch, tied_loss)}
+
+
+def pair(case, device, groups="all-layer", noise=0.0):
+    """Two identical models, each with its optimizer and engine (same noise seed)."""
+    make, batch, loss = CASES[case]
+    seeded(0)
+    base = make().to(device, dtype_of(device))
+    out = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        eng = groupclip.PrivacyEngine(m, opt, batch_size=B, sample_size=100, noise_multiplier=noise,
+                                      max_grad_norm=0.5, groups=groups, seed=3)
+        out.append((m, opt, eng))
+    return out, batch, loss
+
+
+def grads(model):
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b, rtol):
+    assert a.keys() == b.keys()
+    for n in a:
+        if a[n] is None or b[n] is None:
+            assert a[n] is None and b[n] is None, n
+            continue
+        scale = b[n].abs().max().clamp_min(1e-30)
+        assert ((a[n] - b[n]).abs().max() / scale) <= rtol, n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_replays_match_eager_steps(device, case, groups):
+    """Several full steps (zero_grad, backward, noisy optimizer step) on different batches: the graphed step's
+    gradients and parameters follow the eager engine's exactly, noise included."""
+    ((me, oe, _), (mg, og, eg)), batch, loss = pair(case, device, groups, noise=1.0)
+    gen = torch.Generator().manual_seed(1)
+    data = [batch(device, gen) for _ in range(4)]
+    step = eg.graphed_backward(lambda *a: loss(mg, *a), *data[0])
+    assert step.use_graph == (device == "cuda")
+    for x, y in data[1:] + data[:1]:
+        oe.zero_grad()
+        le = loss(me, x, y)
+        le.backward()
+        og.zero_grad()
+        lg = step(x, y)
+        torch.testing.assert_close(lg, le.detach(), rtol=tol(device), atol=0)
+        assert_same(grads(mg), grads(me), tol(device))
+        oe.step()
+        og.step()
+        assert_same(dict(mg.named_parameters()), dict(me.named_parameters()), tol(device) * 10)
+    assert step.eager_calls == 0
+    assert eg.steps == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphed_gradient_matches_the_oracle(device):
+    seeded(0)
+    mg = TinyViT().to(device, dtype_of(device))
+    ref = copy.deepcopy(mg).cpu()
+    eg = groupclip.PrivacyEngine(mg, torch.optim.SGD(mg.parameters(), lr=0.1), batch_size=B, sample_size=100,
+                                 noise_multiplier=0.0, max_grad_norm=0.5, groups="layer-wise")
+    gen = torch.Generator().manual_seed(2)
+    x0, y0 = vit_batch(device, gen)
+    x, y = vit_batch(device, gen)
+    step = eg.graphed_backward(lambda *a: vit_loss(mg, *a), x0, y0)
+    step(x, y)
+    expected = oracle_grads(ref, vit_loss, (x.cpu(), y.cpu()), batch_size=B, C=0.5, clipping="automatic",
+                            groups="layer-wise")
+    got = {n: p.grad.cpu().double() for n, p in mg.named_parameters()}
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4 if device == "cuda" else 1e-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulation_fresh_and_carried_gradients(device):
+    """Without zero_grad calls accumulate (micro-batches); after zero_grad(set_to_none) they start from zero; a
+    gradient p.grad already holds (an eager backward before) is carried into the captured buffers."""
+    ((me, _, _), (mg, og, eg)), batch, loss = pair("tinyvit", device)
+    gen = torch.Generator().manual_seed(3)
+    x0, y0 = batch(device, gen)
+    batches = [batch(device, gen) for _ in range(3)]
+    step = eg.graphed_backward(lambda *a: loss(mg, *a), x0, y0)
+    for x, y in batches[:2]:  # two micro-batches, no zero_grad between them
+        step(x, y)
+        loss(me, x, y).backward()
+    assert_same(grads(mg), grads(me), tol(device))
+    og.zero_grad(set_to_none=True)
+    me.zero_grad(set_to_none=True)
+    x, y = batches[2]
+    loss(mg, x, y).backward()  # eager backward on the graphed model: p.grad are new tensors
+    loss(me, x, y).backward()
+    step(*batches[0])
+    loss(me, *batches[0]).backward()
+    assert_same(grads(mg), grads(me), tol(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_capture_leaves_gradients_untouched(device):
+    """The warm-up and capture compute gradients of the example batch and discard them."""
+    ((_, _, _), (mg, _, eg)), batch, loss = pair("tied", device, "layer-wise")
+    gen = torch.Generator().manual_seed(4)
+    x, y = batch(device, gen)
+    loss(mg, x, y).backward()
+    before = grads(mg)
+    held = {n: p.grad for n, p in mg.named_parameters()}
+    eg.graphed_backward(lambda *a: loss(mg, *a), *batch(device, gen))
+    assert all(p.grad is held[n] for n, p in mg.named_parameters())
+    assert_same(grads(mg), before, 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_shapes_run_eagerly_and_are_logged_once(device, caplog):
+    ((me, oe, _), (mg, og, eg)), batch, loss = pair("tinyvit", device)
+    gen = torch.Generator().manual_seed(5)
+    step = eg.graphed_backward(lambda *a: loss(mg, *a), *batch(device, gen))
+    caplog.set_level(logging.WARNING, logger="groupclip.graphs")
+    for b in (B - 1, B - 2):
+        x, y = batch(device, gen, b)
+        oe.zero_grad()
+        og.zero_grad()
+        loss(me, x, y).backward()
+        step(x, y)
+        assert_same(grads(mg), grads(me), tol(device))
+    assert step.eager_calls == 2
+    assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1
+    x, y = batch(device, gen)  # the captured shape replays again
+    step(x, y)
+    assert step.eager_calls == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refusals(device):
+    ((_, _, _), (mg, og, eg)), batch, loss = pair("tinyvit", device)
+    gen = torch.Generator().manual_seed(6)
+    x, y = batch(device, gen)
+    with pytest.raises(EngineError, match="scalar"):  # at capture (CUDA) or at the first call
+        eg.graphed_backward(lambda a, b: mg(a), x, y)(x, y)
+    with pytest.raises(ValueError, match="warmup"):
+        eg.graphed_backward(lambda *a: loss(mg, *a), x, y, warmup=0)
+    step = eg.graphed_backward(lambda *a: loss(mg, *a), x, y)
+    mg.eval()
+    with pytest.raises(EngineError, match="train/eval mode"):
+        step(x, y)
+    mg.train()
+    with torch.no_grad(), pytest.raises(EngineError, match="gradients disabled"):
+        step(x, y)
+    with torch.autocast(device, dtype=torch.bfloat16), pytest.raises(EngineError, match="autocast"):
+        step(x, y)
+    step(x, y)
+    eg.detach()
+    with pytest.raises(EngineError, match="detached"):
+        step(x, y)
+    with pytest.raises(EngineError, match="detached"):
+        eg.graphed_backward(lambda *a: loss(mg, *a), x, y)
+
+
+def test_non_tensor_arguments_are_part_of_the_capture():
+    seeded(0)
+    m = nn.Linear(4, 2).double()
+    calls = []
+
+    def fn(x, scale):
+        calls.append(scale)
+        return (m(x) * scale).pow(2).mean()
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    step = GraphedBackward(fn, (x, 2.0), m.parameters(), [m], use_graph=False)
+    step(x, 2.0)
+    assert step.eager_calls == 0
+    step(x, 3.0)  # a different constant: eager, with the value given
+    assert step.eager_calls == 1 and calls[-1] == 3.0
+
+
+def test_without_an_engine_it_is_plain_autograd():
+    seeded(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    ref = copy.deepcopy(m)
+    x0, x = torch.randn(2, 3, 4, dtype=torch.float64)
+    step = GraphedBackward(lambda v: m(v).pow(2).sum(), (x0,), m.parameters(), [m])
+    step(x)
+    ref(x).pow(2).sum().backward()
+    for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_replays_draw_fresh_dropout_and_read_new_data():
+    seeded(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 2)).cuda()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    eng = groupclip.PrivacyEngine(m, opt, batch_size=4, sample_size=100, noise_multiplier=0.0, seed=0)
+    x = torch.randn(4, 8, device="cuda")
+    step = eng.graphed_backward(lambda v: m(v).pow(2).mean(), x)
+    assert step.use_graph
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        losses.append(step(x).item())
+    assert len(set(losses)) == 3  # different dropout masks on every replay
+    m.eval()
+    with torch.no_grad():
+        base = m(x).pow(2).mean().item()
+    m.train()
+    opt.zero_grad()
+    assert step(torch.zeros_like(x)).item() != base
