@@ -306,6 +306,27 @@ def test_clip_coef(calls, kind, n):
     assert torch.allclose(out, torch_out, rtol=2e-6, atol=0), (out, torch_out)
 
 
+@pytest.mark.parametrize("n", [2, 4, 6])
+@pytest.mark.parametrize("kind", KINDS)
+def test_clip_coef_sample_mask(calls, kind, n):
+    """A graphed step's padding rows: coefficient exactly 0 where the mask is 0 (also for a NaN norm), the
+    others as without the mask; squared norms ('norm2') ignore the mask. Kernel and PyTorch path agree."""
+    parts = make_parts(n)
+    parts[0][0][3] = float("nan")  # a padding row whose norm is not even finite
+    mask = torch.tensor([1, 1, 1, 0, 1, 0, 0], dtype=torch.float32, device=DEV)
+    plain = K.clip_coef(parts, kind, C, SCALE, OUT_SCALE, GAMMA, R)
+    out = K.clip_coef(parts, kind, C, SCALE, OUT_SCALE, GAMMA, R, mask)
+    assert calls["clip_coef"] == 2 * (1 if n <= 4 else 2)
+    keep = mask != 0
+    assert torch.equal(out[keep], plain[keep])
+    if kind == "norm2":
+        assert torch.equal(out.nan_to_num(-1.0), plain.nan_to_num(-1.0))
+    else:
+        assert torch.equal(out[~keep], torch.zeros(3, device=DEV))
+    torch_out = _torch_path(K.clip_coef, parts, kind, C, SCALE, OUT_SCALE, GAMMA, R, mask)
+    assert torch.allclose(out.nan_to_num(-1.0), torch_out.nan_to_num(-1.0), rtol=2e-6, atol=0), (out, torch_out)
+
+
 @pytest.mark.parametrize("squared", [False, True])
 def test_clip_coef_wide_parts_are_reduced_first(calls, squared):
     """Rows wider than kernels.WIDE (instantiated per-sample gradients) are summed by PyTorch before the kernel,

@@ -113,6 +113,9 @@ class Clipper:
         self._members = [{id(p) for p in ps} for ps in groups.params]
         self._group_of = groups.index()
         self._plans: dict[tuple, tuple[str, ...]] = {}  # (group, unit, names) -> the names in that group
+        # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
+        # captured size) and get coefficient 0; set only while a graphed step captures or runs
+        self.sample_mask: torch.Tensor | None = None
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -170,8 +173,12 @@ class Clipper:
     def _coef(self, k: int, parts: list[tuple[torch.Tensor, bool]], batch: int) -> torch.Tensor:
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        mask = self.sample_mask
+        if mask is not None and mask.shape[0] != batch:
+            raise EngineError(f"group {self.groups.names[k]} saw a batch of {batch} samples inside a graphed step "
+                              f"of {mask.shape[0]}; every forward of the step must use the whole batch")
         return clip_coef(parts, self.kind, self.groups.thresholds[k], scale, scale / self.batch_size,
-                         self.gamma, self.psac_r)
+                         self.gamma, self.psac_r, mask)
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""

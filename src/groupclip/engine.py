@@ -188,14 +188,18 @@ class PrivacyEngine:
         `loss = step(*batch)` doing what `loss = loss_fn(*batch); loss.backward()` does, without the host time
         of launching each layer's kernels. `optimizer.zero_grad()` and `optimizer.step()` stay as they are.
 
-        `example` is a batch of the shape to capture (the graph replays batches of that shape; others run
-        eagerly). Put autocast inside `loss_fn`. See `groupclip.graphs.GraphedBackward` for what is captured.
+        `example` is a batch of the largest size to replay (the capacity); smaller batches, e.g. Poisson
+        batches, replay too: the rows they leave free are filled and get clip coefficient 0. Put autocast
+        inside `loss_fn`. See `groupclip.graphs.GraphedBackward` for what is captured.
         """
         from groupclip.graphs import GraphedBackward
 
         self._check_attached()
         return GraphedBackward(loss_fn, example, [p for _, p in self._named_params], [self.model],
-                               warmup=warmup, guard=self._check_attached)
+                               warmup=warmup, guard=self._check_attached, sample_mask=self._set_sample_mask)
+
+    def _set_sample_mask(self, mask) -> None:
+        self.clipper.sample_mask = mask
 
     def _check_attached(self) -> None:
         if not self._attached:

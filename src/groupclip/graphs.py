@@ -37,9 +37,18 @@ class GraphedBackward:
     Captured once, at construction, from `example` (warm-up runs on it compute gradients that are discarded;
     the example's values are never used after that): the batch's shapes and dtypes, every non-tensor argument,
     the modules' train/eval modes, autocast (put it inside `loss_fn`) and the Python control flow of the
-    forward. A call whose tensors differ in shape, dtype or device, or whose other arguments differ, runs
-    eagerly instead (same result, no speed-up; logged once). A call after a module's train/eval mode changed
-    is refused: make a new graphed step. Dropout and other random ops draw fresh values on every replay.
+    forward. Dropout and other random ops draw fresh values on every replay. A call after a module's train/eval
+    mode changed is refused: make a new graphed step.
+
+    Smaller batches replay too, when a `sample_mask` setter is given (the engine gives its clipper's): the
+    example's batch size P (the largest leading size among its tensors) is the capacity. A batch of b < P
+    samples (every tensor of leading size P at capture has leading size b) is copied into the first b rows,
+    the other rows are filled with copies of its first sample, and their clip coefficient is exactly 0: p.grad
+    is what the b real samples give (per-sample gradients of a mean-reduced loss are rescaled by the batch
+    size the layers see, here P). So Poisson batches of any size up to P replay; the loss returned for such
+    a call is the loss of the filled batch. Anything else that differs (other shapes, dtypes, devices,
+    non-tensor arguments, an empty batch, more than P samples) runs eagerly instead: same result, no speed-up,
+    logged once.
 
     Where no CUDA graph can be used (parameters or inputs not all on one CUDA device) the same object runs
     every call eagerly.
@@ -47,7 +56,8 @@ class GraphedBackward:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], example: Sequence[Any],
                  params: Iterable[nn.Parameter], modules: Sequence[nn.Module] = (), *, warmup: int = 3,
-                 guard: Callable[[], None] | None = None, use_graph: bool | None = None) -> None:
+                 guard: Callable[[], None] | None = None, use_graph: bool | None = None,
+                 sample_mask: Callable[[torch.Tensor | None], None] | None = None) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if warmup < 1:
@@ -64,6 +74,12 @@ class GraphedBackward:
         self._slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         self._consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
         self._meta = [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in self._slots]
+        sizes = [m[0][0] for m in self._meta if len(m[0])]
+        self.capacity = max(sizes) if sizes else 0
+        self._set_mask = sample_mask
+        # positions (in self._slots) of the batched tensors: those a smaller batch may fill partly
+        self._batched = set() if sample_mask is None or not self.capacity else {
+            j for j, m in enumerate(self._meta) if len(m[0]) and m[0][0] == self.capacity}
         self._modes = self._module_modes()
         self._autocast = _autocast_state()
         devices = {p.device for p in self.params} | {m[2] for m in self._meta}
@@ -80,6 +96,9 @@ class GraphedBackward:
         # the captured inputs: replays read them, calls copy the batch into them
         self._static = [leaves[i].detach().clone() for i in self._slots]
         self._grads = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._mask = None if not self._batched else torch.ones(
+            self.capacity, dtype=torch.float32, device=self._meta[min(self._batched)][2])
+        self._valid = self.capacity  # real samples in the captured inputs (rows of self._mask that are 1)
         self._graph = None
         self._loss: torch.Tensor | None = None
         self._capture(warmup)
@@ -99,12 +118,24 @@ class GraphedBackward:
         loss.backward()
         return loss.detach()
 
+    def _masked(self, fn: Callable[[], Any]) -> Any:
+        """Run fn with the clipper reading the sample mask (capture, warm-up, a call without a graph)."""
+        if self._mask is None:
+            return fn()
+        self._set_mask(self._mask)
+        try:
+            return fn()
+        finally:
+            self._set_mask(None)
+
     def _capture(self, warmup: int) -> None:
+        if self.use_graph:
+            self._masked(lambda: self._record(warmup))
+
+    def _record(self, warmup: int) -> None:
         saved = [p.grad for p in self.params]
         args = self._args(self._static)
         try:
-            if not self.use_graph:
-                return
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -143,14 +174,23 @@ class GraphedBackward:
             raise EngineError("graphed_backward: autocast differs from capture time; put the autocast context "
                               "inside loss_fn so the graph captures it")
         leaves, spec = tree_flatten(tuple(args))
-        reason = self._mismatch(leaves, spec)
+        reason, b = self._plan(leaves, spec)
         if reason is not None:
             return self._eager(args, reason)
         self._attach_grads()
-        for dst, i in zip(self._static, self._slots, strict=True):
-            dst.copy_(leaves[i], non_blocking=True)
+        for j, (dst, i) in enumerate(zip(self._static, self._slots, strict=True)):
+            v = leaves[i]
+            if j in self._batched and b < self.capacity:
+                dst[:b].copy_(v, non_blocking=True)
+                dst[b:].copy_(v[:1].expand(self.capacity - b, *v.shape[1:]), non_blocking=True)
+            else:
+                dst.copy_(v, non_blocking=True)
+        if b != self._valid:
+            self._mask[:b].fill_(1.0)
+            self._mask[b:].fill_(0.0)
+            self._valid = b
         if self._graph is None:  # no CUDA graph: the same steps, run eagerly on the captured inputs
-            return self._forward_backward(self._args(self._static)).clone()
+            return self._masked(lambda: self._forward_backward(self._args(self._static))).clone()
         self._graph.replay()
         return self._loss.clone()
 
@@ -169,21 +209,32 @@ class GraphedBackward:
         if fresh:
             torch._foreach_zero_(fresh)
 
-    def _mismatch(self, leaves: list, spec) -> str | None:
+    def _plan(self, leaves: list, spec) -> tuple[str | None, int]:
+        """(why this call cannot replay, or None; the number of real samples)."""
         if spec != self._spec:
-            return "the arguments are structured differently"
+            return "the arguments are structured differently", 0
         for i, v in enumerate(leaves):
             const = self._consts[i]
             if isinstance(v, torch.Tensor) != (const is None):
-                return f"argument leaf {i} changed between tensor and non-tensor"
+                return f"argument leaf {i} changed between tensor and non-tensor", 0
             if const is not None and not _same(v, const):
-                return f"non-tensor argument leaf {i} is {v!r}, captured with {const!r}"
-        for (shape, dtype, device), i in zip(self._meta, self._slots, strict=True):
+                return f"non-tensor argument leaf {i} is {v!r}, captured with {const!r}", 0
+        b = None
+        for j, ((shape, dtype, device), i) in enumerate(zip(self._meta, self._slots, strict=True)):
             v = leaves[i]
-            if v.shape != shape or v.dtype != dtype or v.device != device:
+            ok = v.dtype == dtype and v.device == device
+            if j in self._batched:  # any leading size, the same for all batched tensors
+                ok = ok and v.dim() == len(shape) and v.shape[1:] == shape[1:] and b in (None, v.shape[0])
+                b = v.shape[0] if ok else b
+            else:
+                ok = ok and v.shape == shape
+            if not ok:
                 return (f"tensor argument {i} is {tuple(v.shape)} {v.dtype} on {v.device}, captured as "
-                        f"{tuple(shape)} {dtype} on {device}")
-        return None
+                        f"{tuple(shape)} {dtype} on {device}"), 0
+        b = self.capacity if b is None else b
+        if not 0 < b <= self.capacity:
+            return f"the batch has {b} samples, the captured step {self.capacity}", 0
+        return None, b
 
     def _eager(self, args: tuple, reason: str) -> torch.Tensor:
         self.eager_calls += 1

@@ -116,11 +116,15 @@ def layer_norm_backward(x, mean, rstd, g, w):
 
 # ------------------------------------------------------------------------------ coefficients
 def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0, scale: float = 1.0,
-              out_scale: float = 1.0, gamma: float = 0.01, r: float = 0.01) -> torch.Tensor:
+              out_scale: float = 1.0, gamma: float = 0.01, r: float = 0.01,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample squared norm (kind='norm2') or clip coefficient out_scale·φ(scale·‖g_i‖) of one group.
 
     `parts` are (B, m) tensors: flagged True when they hold squared contributions (partial sums), False when
-    they hold per-sample gradient entries to be squared."""
+    they hold per-sample gradient entries to be squared. `mask` (B,) float32: the coefficient of a sample where
+    it is 0 is exactly 0 (padding rows of a graphed step), whatever its norm."""
+    if kind == "norm2":
+        mask = None
     parts = [(t if t.dim() == 2 else t.reshape(t.shape[0], -1), sq) for t, sq in parts]
     if all(active(t) for t, _ in parts):
         # the kernel gives each sample one program: wide rows (instantiated per-sample gradients, millions of
@@ -131,7 +135,7 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
             head = _run("clip_coef", parts[:4], "norm2", c, scale, out_scale, gamma, r)
             if head is not None:
                 parts = [(head[:, None], True)] + parts[4:]
-        out = _run("clip_coef", parts, kind, c, scale, out_scale, gamma, r) if _ops is not None else None
+        out = _run("clip_coef", parts, kind, c, scale, out_scale, gamma, r, mask) if _ops is not None else None
         if out is not None:
             return out
     acc = torch.float64 if any(t.dtype == torch.float64 for t, _ in parts) else torch.float32
@@ -142,7 +146,8 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
     if kind == "norm2" or n2.numel() == 0:
         return n2
     norm = n2.clamp_min(0).sqrt_().mul_(scale)
-    return clip_factor(kind, norm, c, gamma, r).mul_(out_scale)
+    coef = clip_factor(kind, norm, c, gamma, r).mul_(out_scale)
+    return coef if mask is None else torch.where(mask != 0, coef, 0.0)
 
 
 #: Rows wider than this are summed by PyTorch before the coefficient kernel.

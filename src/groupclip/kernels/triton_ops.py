@@ -260,36 +260,45 @@ def _phi(n2, c, scale, out_scale, gamma, r, KIND: tl.constexpr):
 
 
 @triton.jit
-def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, c, scale, out_scale, gamma, r,
+def _store_coef(out_ptr, mask_ptr, b, res, MASKED: tl.constexpr):
+    """Store sample b's result; a masked-out sample (a padding row of a graphed step) gets exactly 0."""
+    if MASKED:
+        res = tl.where(tl.load(mask_ptr + b) != 0, res, 0.0)
+    tl.store(out_ptr + b, res)
+
+
+@triton.jit
+def _coef_kernel(p0, w0, s0, p1, w1, s1, p2, w2, s2, p3, w3, s3, out_ptr, mask_ptr, c, scale, out_scale, gamma, r,
                  SQ0: tl.constexpr, SQ1: tl.constexpr, SQ2: tl.constexpr, SQ3: tl.constexpr,
-                 KIND: tl.constexpr, BK: tl.constexpr):
+                 KIND: tl.constexpr, MASKED: tl.constexpr, BK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BK,), dtype=tl.float32)
     acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
     acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
     acc = _accumulate(acc, p2, w2, s2, b, SQ2, BK)
     acc = _accumulate(acc, p3, w3, s3, b, SQ3, BK)
-    tl.store(out_ptr + b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND))
+    _store_coef(out_ptr, mask_ptr, b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND), MASKED)
 
 
 @triton.jit
-def _coef2_kernel(p0, w0, s0, p1, w1, s1, out_ptr, c, scale, out_scale, gamma, r,
-                  SQ0: tl.constexpr, SQ1: tl.constexpr, KIND: tl.constexpr, BK: tl.constexpr):
+def _coef2_kernel(p0, w0, s0, p1, w1, s1, out_ptr, mask_ptr, c, scale, out_scale, gamma, r,
+                  SQ0: tl.constexpr, SQ1: tl.constexpr, KIND: tl.constexpr, MASKED: tl.constexpr,
+                  BK: tl.constexpr):
     """`_coef_kernel` for at most two sources (a weight and a bias): half the arguments, and Triton's launcher
     costs the host time per argument."""
     b = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BK,), dtype=tl.float32)
     acc = _accumulate(acc, p0, w0, s0, b, SQ0, BK)
     acc = _accumulate(acc, p1, w1, s1, b, SQ1, BK)
-    tl.store(out_ptr + b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND))
+    _store_coef(out_ptr, mask_ptr, b, _phi(tl.sum(acc, axis=0), c, scale, out_scale, gamma, r, KIND), MASKED)
 
 
 def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale: float, out_scale: float,
-              gamma: float, r: float) -> torch.Tensor:
+              gamma: float, r: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) float32: squared norm (kind 'norm2') or clip coefficient from at most four (B, m) sources.
 
     A source flagged True already holds squared contributions (partial sums); False means its entries are
-    per-sample gradient values to be squared."""
+    per-sample gradient values to be squared. Where `mask` (B,) is 0 the result is 0."""
     assert 1 <= len(parts) <= 4
     t0 = parts[0][0]
     bsz = t0.shape[0]
@@ -303,6 +312,6 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale
         args += [t, t.shape[1] if i < len(parts) else 0, t.stride(0)]
         flags[f"SQ{i}"] = not sq
     kernel = _coef2_kernel if slots == 2 else _coef_kernel
-    kernel[(bsz,)](*args, out, float(c), float(scale), float(out_scale), float(gamma), float(r),
-                   KIND=KINDS[kind], BK=512, num_warps=4, **flags)
+    kernel[(bsz,)](*args, out, out if mask is None else mask, float(c), float(scale), float(out_scale),
+                   float(gamma), float(r), KIND=KINDS[kind], MASKED=mask is not None, BK=512, num_warps=4, **flags)
     return out
