@@ -650,7 +650,7 @@ def main():
         result["kernels"] = check_kernels()
         save()
     if "time" in phases:
-        rows = []
+        rows = list(result.get("time", []))  # with --append: the earlier run's rows (other workloads) stay
         for rnd in range(args.rounds):
             for w in workloads:
                 for prec in precisions:
@@ -676,7 +676,7 @@ def main():
                 for m in modes:
                     pyprofile_config(w, m, prec, args.profile_out + ".py.txt")
     if "maxbatch" in phases:
-        rows = []
+        rows = list(result.get("maxbatch", []))
         for w in workloads:
             for prec in precisions:
                 for m in ("nonprivate", "groupclip-all-layer", "groupclip-layer-wise"):
