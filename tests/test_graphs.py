@@ -50,6 +50,10 @@ def vit_batch(device, gen, b=B):
     return x, y
 
 
+def on(device, t):
+    return t.to(device, dtype_of(device)) if t.is_floating_point() else t.to(device)
+
+
 def vit_loss(model, x, y):
     return F.cross_entropy(model(x), y)
 
@@ -206,7 +210,7 @@ def test_poisson_training_replays_every_nonempty_batch(device):
     n = 100
     data = torch.utils.data.TensorDataset(*vit_batch("cpu", gen, n))
     cap = 3 * B
-    x0, y0 = (t[:cap].to(device) for t in data.tensors)
+    x0, y0 = (on(device, t[:cap]) for t in data.tensors)
     step = eg.graphed_backward(lambda *a: loss(mg, *a), x0, y0)
     sizes = []
     for (xe, ye), (xg, yg) in zip(ee.data_loader(data), eg.data_loader(data), strict=True):
@@ -215,8 +219,8 @@ def test_poisson_training_replays_every_nonempty_batch(device):
         oe.zero_grad()
         og.zero_grad()
         if len(ye):
-            loss(me, xe.to(device), ye.to(device)).backward()
-            step(xg.to(device), yg.to(device))
+            loss(me, on(device, xe), on(device, ye)).backward()
+            step(on(device, xg), on(device, yg))
         oe.step()
         og.step()
     assert len(set(sizes)) > 3 and max(sizes) <= cap
