@@ -628,7 +628,8 @@ def main():
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "tiny": args.tiny,
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tf32": True,
-                     "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0},
+                     "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0,
+                     "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},
     }
 
     if args.append and os.path.exists(args.out):
