@@ -132,3 +132,49 @@ def test_waiting_norm_use_drops_its_input_and_gradient_before_backward_ends():
     assert waited == [((), None)]
     assert input_alive == [False]  # the (B, T, C) input itself is gone while backward goes on
     assert all(p.grad is not None for p in model.parameters())
+
+
+class FailsOnce(nn.Module):
+    """Raises (like an out-of-memory error) after its first layer ran, the first time only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.fail = True
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("simulated out of memory")
+        return self.b(h)
+
+
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_a_forward_that_raised_is_abandoned_not_joined(groups, caplog):
+    """A retry after a failed forward (e.g. a smaller batch after an out-of-memory error) starts its own step:
+    no 'second forward' warning, layer-wise groups still clip inside backward, the same p.grad as an engine
+    that never saw the failure."""
+    torch.manual_seed(0)
+    models = [FailsOnce().double(), FailsOnce().double()]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].fail = False
+    engines = []
+    for m in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
+                                                   sample_size=40, noise_multiplier=0.0, groups=groups))
+    with pytest.raises(RuntimeError, match="simulated"):
+        models[0](torch.randn(8, 5, dtype=torch.float64))
+    finished = []
+    engines[0].hub.on_group = lambda g, uses, f=engines[0].hub.on_group: (finished.append(g), f(g, uses))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    caplog.set_level("WARNING")
+    for m in models:
+        m(x).pow(2).mean().backward()
+    assert not [r for r in caplog.records if "second forward" in r.getMessage()]
+    assert engines[0].hub.state is None
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    assert len(finished) == (1 if groups == "all-layer" else 2)

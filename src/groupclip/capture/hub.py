@@ -75,6 +75,7 @@ class CaptureHub:
         self._callback_queued = False
         self._group_memo: dict[tuple, set[int]] = {}
         self._warned_two_forwards = False
+        self._root_open = False  # a forward of the model started and has not returned (yet, or ever: it raised)
 
     # ---------------------------------------------------------------- install / remove
     def install(self) -> None:
@@ -83,6 +84,7 @@ class CaptureHub:
                 raise EngineError(f"module {unit.label()} already has a patched forward; detach other engines.")
             unit.module.forward = self._make_forward(unit)
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post_hook))
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in {id(p): p for u in self.units for p in u.params.values()}.values():
             if p.requires_grad:
@@ -123,6 +125,12 @@ class CaptureHub:
     def _root_pre_hook(self, module, args, kwargs):
         if self._bypass or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return None  # no capture, a generic re-run, or a checkpoint re-computation inside backward
+        if self._root_open and self.state is not None and not self.state.backward_started:
+            # the previous forward raised before returning (e.g. out of memory, then a retry with a smaller
+            # batch): its step is abandoned, so this forward starts a new one instead of joining it
+            log.debug("groupclip: the previous forward did not return; starting a new step")
+            self.state = None
+        self._root_open = True
         st = self._current()
         st.root_calls += 1
         if st.root_calls == 2 and not self._warned_two_forwards:
@@ -133,6 +141,10 @@ class CaptureHub:
                 "two augmentations), but two forwards over different records are clipped as one combined sample."
             )
         st.batch_size = _batch_size(args, kwargs)
+        return None
+
+    def _root_post_hook(self, module, args, output):
+        self._root_open = False
         return None
 
     def _current(self) -> StepState:
