@@ -178,3 +178,73 @@ def test_a_forward_that_raised_is_abandoned_not_joined(groups, caplog):
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
     assert len(finished) == (1 if groups == "all-layer" else 2)
+
+
+class FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises while `armed` holds (a simulated out-of-memory error in backward)."""
+
+    armed = [False]
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if FailingBackward.armed[0]:
+            FailingBackward.armed[0] = False
+            raise RuntimeError("simulated out of memory in backward")
+        return g
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = FailingBackward.apply(torch.tanh(self.a(x)))  # b and c clip before the failure, a never does
+        return self.c(torch.tanh(self.b(h)))
+
+
+def _pair(model_cls, groups):
+    torch.manual_seed(0)
+    models = [model_cls().double(), model_cls().double()]
+    models[1].load_state_dict(models[0].state_dict())
+    engines = []
+    for m in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
+                                                   sample_size=40, noise_multiplier=0.0, groups=groups))
+    return models, engines
+
+
+@pytest.mark.parametrize("where", ["loss", "backward"])
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_a_step_that_failed_after_forward_leaves_nothing_behind(groups, where, caplog):
+    """Out of memory in the loss (the forward returned) or midway through backward (some groups already
+    clipped, others waiting): the retried step gives exactly the p.grad of an engine that never failed, with
+    no stale contributions of the failed step, no 'second forward' warning, and its caches freed."""
+    models, engines = _pair(Three, groups)
+    x_fail = torch.randn(8, 5, dtype=torch.float64)
+    if where == "loss":
+        with pytest.raises(RuntimeError, match="simulated"):
+            out = models[0](x_fail)
+            raise RuntimeError("simulated out of memory in the loss")
+        del out
+    else:
+        FailingBackward.armed[0] = True
+        with pytest.raises(RuntimeError, match="simulated"):
+            models[0](x_fail).pow(2).mean().backward()
+        models[0].zero_grad(set_to_none=True)  # what a retry loop does (p.grad of b and c were written)
+    gc.collect()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    caplog.set_level("WARNING")
+    for m in models:
+        m(x).pow(2).mean().backward()
+    assert not [r for r in caplog.records if "second forward" in r.getMessage()]
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    assert engines[0].hub.state is None and not engines[0].hub._pending
+    assert not GRAMS.items and not CASTS.items

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,12 @@ class CaptureHub:
         self.group_of = group_of  # id(param) -> group index
         self.on_group = on_group
         self.on_wait = on_wait  # called for a use whose group must wait for later uses
-        self.state: StepState | None = None
+        # the current step: held strongly while a forward of the model runs, then only by the autograd graph
+        # its forward built (ctx.state of LayerFn / Tap), so a step whose graph is dropped without backward
+        # (an out-of-memory error in the loss, say) disappears instead of being joined by the next forward
+        self._live: StepState | None = None
+        self._ref: weakref.ref | None = None
+        self._callback_task = -1  # graph task of the backward pass the end-of-backward callback was queued in
         self._bypass = False
         self._handles: list[Any] = []
         self._pending: list[StepState] = []
@@ -89,6 +95,25 @@ class CaptureHub:
         for p in {id(p): p for u in self.units for p in u.params.values()}.values():
             if p.requires_grad:
                 self._handles.append(p.register_hook(self._make_guard(names.get(id(p), "?"))))
+
+    @property
+    def state(self) -> StepState | None:
+        if self._live is not None:
+            return self._live
+        return None if self._ref is None else self._ref()
+
+    @state.setter
+    def state(self, st: StepState | None) -> None:
+        self._live, self._ref = st, (None if st is None else weakref.ref(st))
+
+    def _drop_failed_backward(self) -> None:
+        """A backward pass raised before its end (its callback never ran): its steps are abandoned, their
+        waiting groups are never clipped into p.grad, and the caches it filled are freed."""
+        log.debug("groupclip: a backward pass did not finish; dropping its %d pending step(s)", len(self._pending))
+        self._pending = []
+        self._callback_queued = False
+        GRAMS.clear()
+        CASTS.clear()
 
     def remove(self) -> None:
         for unit in self.units:
@@ -125,6 +150,8 @@ class CaptureHub:
     def _root_pre_hook(self, module, args, kwargs):
         if self._bypass or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return None  # no capture, a generic re-run, or a checkpoint re-computation inside backward
+        if self._callback_queued:
+            self._drop_failed_backward()
         if self._root_open and self.state is not None and not self.state.backward_started:
             # the previous forward raised before returning (e.g. out of memory, then a retry with a smaller
             # batch): its step is abandoned, so this forward starts a new one instead of joining it
@@ -145,6 +172,7 @@ class CaptureHub:
 
     def _root_post_hook(self, module, args, output):
         self._root_open = False
+        self._live = None  # from now on the step lives as long as the graph of this forward
         return None
 
     def _current(self) -> StepState:
@@ -241,8 +269,12 @@ class CaptureHub:
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
             )
         st.backward_started = True
+        task = torch._C._current_graph_task_id()
+        if self._callback_queued and task != self._callback_task:
+            self._drop_failed_backward()
         if not self._callback_queued:
             self._callback_queued = True
+            self._callback_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if st not in self._pending:
             self._pending.append(st)
