@@ -258,8 +258,9 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
                 s.step(x, y)
             sync()
             return True
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as e:
             s.opt.zero_grad(set_to_none=True)
+            log(f"maxbatch {workload} {precision} {mode} b={b}: {str(e).splitlines()[0][:300]}")
             return False
 
     cap = int(cap_factor * nominal)

@@ -116,6 +116,8 @@ class CaptureHub:
         CASTS.clear()
 
     def remove(self) -> None:
+        if self._callback_queued:
+            self._drop_failed_backward()
         for unit in self.units:
             unit.module.__dict__.pop("forward", None)
         for h in self._handles:
