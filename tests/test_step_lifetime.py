@@ -204,7 +204,9 @@ class Three(nn.Module):
 
     def forward(self, x):
         h = FailingBackward.apply(torch.tanh(self.a(x)))  # b and c clip before the failure, a never does
-        return self.c(torch.tanh(self.b(h)))
+        h2 = torch.tanh(self.b(h))
+        self.seen = [weakref.ref(h), weakref.ref(h2)]  # test-only: the activations b and c save
+        return self.c(h2)
 
 
 def _pair(model_cls, groups):
@@ -238,6 +240,7 @@ def test_a_step_that_failed_after_forward_leaves_nothing_behind(groups, where, c
         with pytest.raises(RuntimeError, match="simulated"):
             models[0](x_fail).pow(2).mean().backward()
         models[0].zero_grad(set_to_none=True)  # what a retry loop does (p.grad of b and c were written)
+    failed = models[0].seen
     gc.collect()
     x = torch.randn(4, 5, dtype=torch.float64)
     caplog.set_level("WARNING")
@@ -248,3 +251,16 @@ def test_a_step_that_failed_after_forward_leaves_nothing_behind(groups, where, c
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
     assert engines[0].hub.state is None and not engines[0].hub._pending
     assert not GRAMS.items and not CASTS.items
+    gc.collect()
+    assert all(r() is None for r in failed), "the failed step's activations are still alive"
+
+
+def test_detach_after_a_failed_backward_frees_its_activations():
+    models, engines = _pair(Three, "all-layer")
+    FailingBackward.armed[0] = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        models[0](torch.randn(8, 5, dtype=torch.float64)).pow(2).mean().backward()
+    failed = models[0].seen
+    engines[0].detach()
+    gc.collect()
+    assert all(r() is None for r in failed), "the failed step's activations are still alive"

@@ -59,5 +59,10 @@ class StepState:
                 complete.append(g)
         return complete
 
+    def abandon(self) -> None:
+        """Drop the uses that arrived (their backward pass failed): nothing of them reaches p.grad."""
+        self.done.update(self.arrived)
+        self.arrived.clear()
+
     def pending(self) -> list[int]:
         return [g for g, uses in self.arrived.items() if uses and g not in self.done]

@@ -110,6 +110,10 @@ class CaptureHub:
         """A backward pass raised before its end (its callback never ran): its steps are abandoned, their
         waiting groups are never clipped into p.grad, and the caches it filled are freed."""
         log.debug("groupclip: a backward pass did not finish; dropping its %d pending step(s)", len(self._pending))
+        for st in self._pending:
+            # its uses hold saved tensors whose autograd nodes hold the step (ctx.state): a cycle through C++
+            # objects that Python's garbage collector cannot free, i.e. the failed step's activations
+            st.abandon()
         self._pending = []
         self._callback_queued = False
         GRAMS.clear()
