@@ -1,5 +1,6 @@
 """Nothing a step captures outlives it; forwards under no_grad capture nothing."""
 
+import contextlib
 import gc
 import warnings
 import weakref
@@ -135,7 +136,7 @@ def test_waiting_norm_use_drops_its_input_and_gradient_before_backward_ends():
 
 
 class FailsOnce(nn.Module):
-    """Raises (like an out-of-memory error) after its first layer ran, the first time only."""
+    """Raises (like an out-of-memory error) after both layers ran, the first time only."""
 
     def __init__(self):
         super().__init__()
@@ -143,18 +144,22 @@ class FailsOnce(nn.Module):
         self.fail = True
 
     def forward(self, x):
-        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.a(x)).to(x.dtype)  # under autocast: a wider input for b, cast (and cached) by b
+        out = self.b(h)
+        self.seen = [weakref.ref(h)]
         if self.fail:
             self.fail = False
             raise RuntimeError("simulated out of memory")
-        return self.b(h)
+        return out
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp64", "autocast"])
 @pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
-def test_a_forward_that_raised_is_abandoned_not_joined(groups, caplog):
+def test_a_forward_that_raised_is_abandoned_not_joined(groups, autocast, caplog):
     """A retry after a failed forward (e.g. a smaller batch after an out-of-memory error) starts its own step:
     no 'second forward' warning, layer-wise groups still clip inside backward, the same p.grad as an engine
-    that never saw the failure."""
+    that never saw the failure, and the failed forward's activations are freed (under autocast the layers'
+    shared input casts are cached: the cache must not hold the failed graph)."""
     torch.manual_seed(0)
     models = [FailsOnce().double(), FailsOnce().double()]
     models[1].load_state_dict(models[0].state_dict())
@@ -165,14 +170,20 @@ def test_a_forward_that_raised_is_abandoned_not_joined(groups, caplog):
             warnings.simplefilter("ignore")
             engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
                                                    sample_size=40, noise_multiplier=0.0, groups=groups))
-    with pytest.raises(RuntimeError, match="simulated"):
-        models[0](torch.randn(8, 5, dtype=torch.float64))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with pytest.raises(RuntimeError, match="simulated"), ctx:
+        models[0](torch.randn(8, 5, dtype=torch.float64, requires_grad=True))
+    failed = models[0].seen
+    gc.collect()
+    assert all(r() is None for r in failed), "the failed forward's activations are still alive"
     finished = []
     engines[0].hub.on_group = lambda g, uses, f=engines[0].hub.on_group: (finished.append(g), f(g, uses))
     x = torch.randn(4, 5, dtype=torch.float64)
     caplog.set_level("WARNING")
     for m in models:
-        m(x).pow(2).mean().backward()
+        with ctx:
+            loss = m(x).float().pow(2).mean()
+        loss.backward()
     assert not [r for r in caplog.records if "second forward" in r.getMessage()]
     assert engines[0].hub.state is None
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):

@@ -122,6 +122,8 @@ class CaptureHub:
     def remove(self) -> None:
         if self._callback_queued:
             self._drop_failed_backward()
+        GRAMS.clear()
+        CASTS.clear()
         for unit in self.units:
             unit.module.__dict__.pop("forward", None)
         for h in self._handles:
@@ -163,6 +165,7 @@ class CaptureHub:
             # batch): its step is abandoned, so this forward starts a new one instead of joining it
             log.debug("groupclip: the previous forward did not return; starting a new step")
             self.state = None
+            CASTS.clear()
         self._root_open = True
         st = self._current()
         st.root_calls += 1

@@ -177,7 +177,9 @@ class _TensorMemo:
         return None
 
     def put(self, t: torch.Tensor, tag: object, value) -> None:
-        self.items.insert(0, (self.key(t, tag), t, value))
+        # keep t's storage (so its address is not reused while the key lives) but not its autograd history:
+        # an input held with its graph would keep a failed step's activations alive
+        self.items.insert(0, (self.key(t, tag), t.detach(), value))
         del self.items[self.size :]
 
     def clear(self) -> None:
