@@ -1,6 +1,6 @@
 """Markdown table from a `benchmarks/gpu.py` result file (both timing rounds, ratios to non-private).
 
-    python benchmarks/table.py benchmarks/results/h100-2026-11-23.json
+    python benchmarks/table.py benchmarks/results/h100-2026-11-24.json
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ def table(result: dict) -> str:
     rows = [r for r in result.get("time", [])]
     base = {(r["workload"], r["precision"], r["round"]): r for r in rows
             if r["mode"] == "nonprivate" and "error" not in r}
+    gbase = {(r["workload"], r["precision"], r["round"]): r for r in rows
+             if r["mode"] == "nonprivate-graph" and "error" not in r}
     maxb = {(r["workload"], r["precision"], r["mode"]): r for r in result.get("maxbatch", [])}
     cells: dict[tuple, list] = defaultdict(list)
     errors = {}
@@ -23,10 +25,12 @@ def table(result: dict) -> str:
             errors[key] = r["error"]
             continue
         b = base[(r["workload"], r["precision"], r["round"])]
+        gb = gbase.get((r["workload"], r["precision"], r["round"])) if r["mode"].endswith("-graph") else None
         cells[key].append((r["samples_per_s"], r["samples_per_s"] / b["samples_per_s"],
-                           r["peak_mem_gib"], r["peak_mem_gib"] / b["peak_mem_gib"]))
-    out = ["| workload | precision | mode | samples/s (round 1 / 2) | × non-private speed | peak GiB | × memory "
-           "| largest batch (× non-private) |", "|---|---|---|---|---|---|---|---|"]
+                           r["peak_mem_gib"], r["peak_mem_gib"] / b["peak_mem_gib"],
+                           r["samples_per_s"] / gb["samples_per_s"] if gb else None))
+    out = ["| workload | precision | mode | samples/s (round 1 / 2) | × non-private speed | × non-private graph "
+           "| peak GiB | × memory | largest batch (× non-private) |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted(set(cells) | set(errors), key=lambda k: (k[0], k[1], _order(k[2])))
     for key in keys:
         w, p, m = key
@@ -38,17 +42,19 @@ def table(result: dict) -> str:
         else:
             big = "–"
         if key in errors:
-            out.append(f"| {w} | {p} | {m} | error: {errors[key][:60]} | | | | |")
+            out.append(f"| {w} | {p} | {m} | error: {errors[key][:60]} | | | | | |")
             continue
         c = cells[key]
         sp = " / ".join(f"{x[0]:.0f}" for x in c)
         ratio = " / ".join(f"{x[1]:.2f}" for x in c)
-        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
+        gratio = " / ".join(f"{x[4]:.2f}" for x in c) if all(x[4] is not None for x in c) else "–"
+        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
     return "\n".join(out)
 
 
 def _order(mode: str) -> int:
-    order = ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer", "opacus-hooks", "opacus-ghost"]
+    order = ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer", "nonprivate-graph",
+             "groupclip-layer-wise-graph", "groupclip-all-layer-graph", "opacus-hooks", "opacus-ghost"]
     return order.index(mode) if mode in order else 99
 
 
