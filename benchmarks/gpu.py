@@ -652,7 +652,9 @@ def main():
         result["kernels"] = check_kernels()
         save()
     if "time" in phases:
-        rows = list(result.get("time", []))  # with --append: the earlier run's rows (other workloads) stay
+        # with --append: the earlier run's rows stay, except those this run measures again
+        rows = [r for r in result.get("time", []) if (r["workload"], r["precision"], r["mode"]) not in
+                {(w, p, m) for w in workloads for p in precisions for m in modes}]
         for rnd in range(args.rounds):
             for w in workloads:
                 for prec in precisions:
@@ -678,7 +680,8 @@ def main():
                 for m in modes:
                     pyprofile_config(w, m, prec, args.profile_out + ".py.txt")
     if "maxbatch" in phases:
-        rows = list(result.get("maxbatch", []))
+        rows = [r for r in result.get("maxbatch", []) if (r["workload"], r["precision"]) not in
+                {(w, p) for w in workloads for p in precisions}]
         for w in workloads:
             for prec in precisions:
                 for m in ("nonprivate", "groupclip-all-layer", "groupclip-layer-wise"):
