@@ -108,8 +108,11 @@ class CaptureHub:
 
     def _drop_failed_backward(self) -> None:
         """A backward pass raised before its end (its callback never ran): its steps are abandoned, their
-        waiting groups are never clipped into p.grad, and the caches it filled are freed."""
-        log.debug("groupclip: a backward pass did not finish; dropping its %d pending step(s)", len(self._pending))
+        waiting groups are never clipped into p.grad, and the caches it filled are freed. (Also called on
+        removal, where nothing may be pending.)"""
+        if self._pending:
+            log.debug("groupclip: a backward pass did not finish; dropping its %d pending step(s)",
+                      len(self._pending))
         for st in self._pending:
             # its uses hold saved tensors whose autograd nodes hold the step (ctx.state): a cycle through C++
             # objects that Python's garbage collector cannot free, i.e. the failed step's activations
@@ -120,10 +123,7 @@ class CaptureHub:
         CASTS.clear()
 
     def remove(self) -> None:
-        if self._callback_queued:
-            self._drop_failed_backward()
-        GRAMS.clear()
-        CASTS.clear()
+        self._drop_failed_backward()
         for unit in self.units:
             unit.module.__dict__.pop("forward", None)
         for h in self._handles:
