@@ -330,3 +330,23 @@ def test_cuda_replays_draw_fresh_dropout_and_read_new_data():
     m.train()
     opt.zero_grad()
     assert step(torch.zeros_like(x)).item() != base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_forward_that_cannot_be_captured_is_refused_with_the_reason():
+    seeded(0)
+    m = nn.Linear(8, 2).cuda()
+    eng = groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4, sample_size=100,
+                                  noise_multiplier=0.0, seed=0)
+
+    def loss_fn(v):
+        out = m(v)
+        if out.sum().item() > 1e9:  # a host round trip: not capturable
+            out = out * 2
+        return out.pow(2).mean()
+
+    with pytest.raises(EngineError, match="cannot be captured"):
+        eng.graphed_backward(loss_fn, torch.randn(4, 8, device="cuda"))
+    assert all(p.grad is None for p in m.parameters())
+    loss_fn(torch.randn(4, 8, device="cuda")).backward()  # the engine still works eagerly afterwards
+    assert all(p.grad is not None for p in m.parameters())

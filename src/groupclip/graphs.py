@@ -147,8 +147,15 @@ class GraphedBackward:
             for p, g in zip(self.params, self._grads, strict=True):
                 p.grad = g
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                loss = self._forward_backward(args)
+            try:
+                with torch.cuda.graph(graph):
+                    loss = self._forward_backward(args)
+            except RuntimeError as e:  # CUDA errors (torch.AcceleratorError) included
+                raise EngineError(
+                    "graphed_backward: this forward/backward cannot be captured as a CUDA graph (it synchronises "
+                    f"with the host, copies from unpinned CPU memory or otherwise leaves the GPU stream: {e}). "
+                    "Train with the eager loop (loss.backward()), or remove the host round trip from the forward."
+                ) from e
             replaced = [i for i, (p, g) in enumerate(zip(self.params, self._grads, strict=True)) if p.grad is not g]
             if replaced:
                 raise EngineError(
