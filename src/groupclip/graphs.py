@@ -154,7 +154,8 @@ class GraphedBackward:
                 raise EngineError(
                     "graphed_backward: this forward/backward cannot be captured as a CUDA graph (it synchronises "
                     f"with the host, copies from unpinned CPU memory or otherwise leaves the GPU stream: {e}). "
-                    "Train with the eager loop (loss.backward()), or remove the host round trip from the forward."
+                    "Remove the host round trip from the forward, or train with the eager loop (loss.backward()); "
+                    "a failed capture can leave this process's CUDA random number state unusable, so restart it."
                 ) from e
             replaced = [i for i, (p, g) in enumerate(zip(self.params, self._grads, strict=True)) if p.grad is not g]
             if replaced:
