@@ -361,3 +361,36 @@ def test_cuda_a_forward_that_cannot_be_captured_is_refused_with_the_reason():
 
     run = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300)
     assert "REFUSED" in run.stdout and "cannot be captured" in run.stdout, (run.stdout, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_gpt2_padded_replays_match_eager(device, groups):
+    """Hugging Face GPT-2 (tied embeddings, position ids without a batch dimension, LayerNorm, Conv1D) through a
+    step captured for 5 sequences and replayed with 5, 3 and 1."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    seeded(0)
+    base = transformers.GPT2LMHeadModel(cfg).to(device, dtype_of(device))
+    models, engines = [], []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
+                                               sample_size=100, noise_multiplier=0.0, groups=groups))
+        models.append(m)
+
+    def lm_loss(m, ids):
+        logits = m(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    gen = torch.Generator().manual_seed(8)
+    step = engines[1].graphed_backward(lambda ids: lm_loss(models[1], ids), torch.randint(0, 50, (5, 8)).to(device))
+    for b in (5, 3, 1):
+        ids = torch.randint(0, 50, (b, 8), generator=gen).to(device)
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        lm_loss(models[0], ids).backward()
+        step(ids)
+        assert_same(grads(models[1]), grads(models[0]), tol(device))
+    assert step.eager_calls == 0
