@@ -135,6 +135,20 @@ def test_waiting_norm_use_drops_its_input_and_gradient_before_backward_ends():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def _pair(model_cls, groups):
+    """Two identical float64 models, each with its engine."""
+    torch.manual_seed(0)
+    models = [model_cls().double(), model_cls().double()]
+    models[1].load_state_dict(models[0].state_dict())
+    engines = []
+    for m in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
+                                                   sample_size=40, noise_multiplier=0.0, groups=groups))
+    return models, engines
+
+
 class FailsOnce(nn.Module):
     """Raises (like an out-of-memory error) after both layers ran, the first time only."""
 
@@ -160,16 +174,8 @@ def test_a_forward_that_raised_is_abandoned_not_joined(groups, autocast, caplog)
     no 'second forward' warning, layer-wise groups still clip inside backward, the same p.grad as an engine
     that never saw the failure, and the failed forward's activations are freed (under autocast the layers'
     shared input casts are cached: the cache must not hold the failed graph)."""
-    torch.manual_seed(0)
-    models = [FailsOnce().double(), FailsOnce().double()]
-    models[1].load_state_dict(models[0].state_dict())
+    models, engines = _pair(FailsOnce, groups)
     models[1].fail = False
-    engines = []
-    for m in models:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
-                                                   sample_size=40, noise_multiplier=0.0, groups=groups))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with pytest.raises(RuntimeError, match="simulated"), ctx:
         models[0](torch.randn(8, 5, dtype=torch.float64, requires_grad=True))
@@ -218,19 +224,6 @@ class Three(nn.Module):
         h2 = torch.tanh(self.b(h))
         self.seen = [weakref.ref(h), weakref.ref(h2)]  # test-only: the activations b and c save
         return self.c(h2)
-
-
-def _pair(model_cls, groups):
-    torch.manual_seed(0)
-    models = [model_cls().double(), model_cls().double()]
-    models[1].load_state_dict(models[0].state_dict())
-    engines = []
-    for m in models:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
-                                                   sample_size=40, noise_multiplier=0.0, groups=groups))
-    return models, engines
 
 
 @pytest.mark.parametrize("where", ["loss", "backward"])
