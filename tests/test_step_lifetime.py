@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import groupclip
+from groupclip import EngineError
 from groupclip.rules.base import GRAMS
 from groupclip.rules.linear import CASTS
 
@@ -268,3 +269,33 @@ def test_detach_after_a_failed_backward_frees_its_activations():
     engines[0].detach()
     gc.collect()
     assert all(r() is None for r in failed), "the failed step's activations are still alive"
+
+
+@pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
+def test_a_step_after_a_backward_that_failed_midway_needs_zero_grad(groups):
+    """Layer-wise, the groups clipped before the failure are already in p.grad: a step (also after a retry that
+    skipped zero_grad) would count those samples twice, so it is refused until optimizer.zero_grad(). All-layer,
+    nothing was written before the failure and the step is allowed."""
+    models, engines = _pair(Three, groups)
+    opt = engines[0].optimizer
+    x = torch.randn(8, 5, dtype=torch.float64)
+    FailingBackward.armed[0] = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        models[0](x).pow(2).mean().backward()
+    if groups == "all-layer":
+        assert all(p.grad is None for p in models[0].parameters())
+        opt.step()
+        assert engines[0].steps == 1
+        return
+    with pytest.raises(EngineError, match="count its samples twice"):
+        opt.step()
+    models[0](x).pow(2).mean().backward()  # a retry without zero_grad: the sum now holds b and c twice
+    with pytest.raises(EngineError, match="count its samples twice"):
+        opt.step()
+    opt.zero_grad()
+    for m in models:
+        m(x).pow(2).mean().backward()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    opt.step()
+    assert engines[0].steps == 1

@@ -135,7 +135,7 @@ class PrivacyEngine:
         self.accountant = accounting.PrivacyAccountant()
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
         self._named_params = list(self.model.named_parameters())  # walked once: the step check runs every step
-        self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step)
+        self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step, self._on_zero_grad)
         self._loaders: list = []
         self._sampling_generator: torch.Generator | None = None
         self._pending_loader_states: list[dict] = []  # loader states loaded before their loader was created
@@ -160,6 +160,12 @@ class PrivacyEngine:
                     )
 
     def _check_step(self) -> None:
+        if self.hub.failed_partially():
+            raise EngineError(
+                "a backward pass failed (e.g. out of memory) after part of its clipped gradient was written into "
+                "p.grad: running that batch again would count its samples twice. Call optimizer.zero_grad() (it "
+                "clears this state; the current logical batch is dropped), then run the batch again."
+            )
         index = self.hub.group_of
         for n, p in self._named_params:
             if p.requires_grad and id(p) not in index:
@@ -167,6 +173,13 @@ class PrivacyEngine:
                     f"parameter '{n}' was made trainable after the PrivacyEngine was created and belongs to "
                     "no clipping group; set requires_grad before creating the engine."
                 )
+
+    def _on_zero_grad(self) -> bool:
+        """Called by optimizer.zero_grad(): True when it must clear p.grad even inside a logical batch."""
+        if self.hub.failed_partially():
+            self.hub.partial_grad = False
+            return True
+        return False
 
     def _after_step(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)

@@ -82,6 +82,9 @@ class CaptureHub:
         self._group_memo: dict[tuple, set[int]] = {}
         self._warned_two_forwards = False
         self._root_open = False  # a forward of the model started and has not returned (yet, or ever: it raised)
+        # a backward pass failed after clipping some groups into p.grad: until p.grad is cleared, a step would
+        # count those samples once more if the batch is run again
+        self.partial_grad = False
 
     # ---------------------------------------------------------------- install / remove
     def install(self) -> None:
@@ -114,6 +117,7 @@ class CaptureHub:
             log.debug("groupclip: a backward pass did not finish; dropping its %d pending step(s)",
                       len(self._pending))
         for st in self._pending:
+            self.partial_grad |= bool(st.done)  # groups of the failed pass already written into p.grad
             # its uses hold saved tensors whose autograd nodes hold the step (ctx.state): a cycle through C++
             # objects that Python's garbage collector cannot free, i.e. the failed step's activations
             st.abandon()
@@ -121,6 +125,13 @@ class CaptureHub:
         self._callback_queued = False
         GRAMS.clear()
         CASTS.clear()
+
+    def failed_partially(self) -> bool:
+        """Whether a backward pass failed after writing part of its clipped gradient into p.grad (and p.grad
+        was not cleared since)."""
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            self._drop_failed_backward()  # no backward runs, yet its end never came: it raised
+        return self.partial_grad
 
     def remove(self) -> None:
         self._drop_failed_backward()

@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 class DPStep:
     def __init__(self, optimizer: torch.optim.Optimizer, noise: GaussianNoise,
-                 check: Callable[[], None], after_step: Callable[[], None]) -> None:
+                 check: Callable[[], None], after_step: Callable[[], None],
+                 must_clear: Callable[[], bool] = lambda: False) -> None:
         self.optimizer = optimizer
         self.noise = noise
         self.check = check
         self.after_step = after_step
+        self.must_clear = must_clear  # True: zero_grad clears p.grad even inside a logical batch
         self.skip_next = False  # set by the physical-batch loader for non-final micro-batches
         self.accumulating = False  # a step was skipped: the current logical batch's gradients are incomplete
         self._orig_step = None
@@ -81,6 +83,8 @@ class DPStep:
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.must_clear():  # a failed backward left part of a gradient: drop this logical batch's sum
+            self.accumulating = False
         if self.accumulating:  # keep the earlier micro-batches of this logical batch
             return None
         return self._orig_zero_grad(set_to_none=set_to_none)
