@@ -363,22 +363,28 @@ def test_cuda_a_forward_that_cannot_be_captured_is_refused_with_the_reason():
     assert "REFUSED" in run.stdout and "cannot be captured" in run.stdout, (run.stdout, run.stderr[-2000:])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups", ["all-layer", "layer-wise"])
-def test_gpt2_padded_replays_match_eager(device, groups):
-    """Hugging Face GPT-2 (tied embeddings, position ids without a batch dimension, LayerNorm, Conv1D) through a
-    step captured for 5 sequences and replayed with 5, 3 and 1."""
+def test_gpt2_padded_replays_match_eager(device, groups, checkpointing):
+    """Hugging Face GPT-2 (tied embeddings, position ids without a batch dimension, LayerNorm, Conv1D; with and
+    without non-reentrant activation checkpointing) through a step captured for 5 sequences and replayed with
+    5, 3 and 1."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=50, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0)
     seeded(0)
     base = transformers.GPT2LMHeadModel(cfg).to(device, dtype_of(device))
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.train()
     models, engines = [], []
     for _ in range(2):
         m = copy.deepcopy(base)
         engines.append(groupclip.PrivacyEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), batch_size=4,
                                                sample_size=100, noise_multiplier=0.0, groups=groups))
         models.append(m)
+        assert m.transformer.gradient_checkpointing == checkpointing
 
     def lm_loss(m, ids):
         logits = m(input_ids=ids).logits
