@@ -137,11 +137,21 @@ class Setup:
     def loss(self, x, y):
         ctx = torch.autocast(DEV, dtype=torch.bfloat16) if self.precision == "bf16" else _null()
         with ctx:
-            return loss_of(self.kind, self.model, x, y)
+            if not self.mode.startswith("opacus"):
+                return loss_of(self.kind, self.model, x, y)
+            out = self.model(x)
+            shape = out.shape
+            if self.kind == "gpt2":
+                out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+            if self.crit_opacus is not None:
+                return self.crit_opacus(out.float(), y, **({"shape": shape} if self.kind == "gpt2" else {}))
+            return F.cross_entropy(out.float(), y)
 
     def step(self, x, y):
         self.opt.zero_grad(set_to_none=True)
-        if self.graph:  # captured at the first step (a warm-up step), replayed after
+        if not self.graph:
+            self.loss(x, y).backward()
+        else:  # captured at the first step (a warm-up step), replayed after
             if self.graphed is None:
                 from groupclip.graphs import GraphedBackward
 
@@ -150,22 +160,6 @@ class Setup:
                 else:
                     self.graphed = GraphedBackward(self.loss, (x, y), self.model.parameters(), [self.model])
             self.graphed(x, y)
-            self.opt.step()
-            return
-        ctx = torch.autocast(DEV, dtype=torch.bfloat16) if self.precision == "bf16" else _null()
-        with ctx:
-            if self.mode.startswith("opacus"):
-                out = self.model(x)
-                shape = out.shape
-                if self.kind == "gpt2":
-                    out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
-                if self.crit_opacus is not None:
-                    loss = self.crit_opacus(out.float(), y, **({"shape": shape} if self.kind == "gpt2" else {}))
-                else:
-                    loss = F.cross_entropy(out.float(), y)
-            else:
-                loss = loss_of(self.kind, self.model, x, y)
-        loss.backward()
         self.opt.step()
 
     def close(self):

@@ -135,7 +135,8 @@ class PrivacyEngine:
         self.accountant = accounting.PrivacyAccountant()
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
         self._named_params = list(self.model.named_parameters())  # walked once: the step check runs every step
-        self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step, self._on_zero_grad)
+        self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step,
+                              self.hub.clear_failed_partially)
         self._loaders: list = []
         self._sampling_generator: torch.Generator | None = None
         self._pending_loader_states: list[dict] = []  # loader states loaded before their loader was created
@@ -173,13 +174,6 @@ class PrivacyEngine:
                     f"parameter '{n}' was made trainable after the PrivacyEngine was created and belongs to "
                     "no clipping group; set requires_grad before creating the engine."
                 )
-
-    def _on_zero_grad(self) -> bool:
-        """Called by optimizer.zero_grad(): True when it must clear p.grad even inside a logical batch."""
-        if self.hub.failed_partially():
-            self.hub.partial_grad = False
-            return True
-        return False
 
     def _after_step(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)

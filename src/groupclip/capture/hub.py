@@ -133,6 +133,11 @@ class CaptureHub:
             self._drop_failed_backward()  # no backward runs, yet its end never came: it raised
         return self.partial_grad
 
+    def clear_failed_partially(self) -> bool:
+        """p.grad is being cleared: forget a partially written failed pass; return whether there was one."""
+        found, self.partial_grad = self.failed_partially(), False
+        return found
+
     def remove(self) -> None:
         self._drop_failed_backward()
         for unit in self.units:
