@@ -33,7 +33,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(K, "_MODE", "force")
     assert K._ops is not None, "groupclip.kernels did not import its Triton kernels"
     count: collections.Counter = collections.Counter()
-    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef"):
+    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef", "scale_rows"):
         fn = getattr(K._ops, name)
 
         def counted(*args, _fn=fn, _name=name, **kw):
@@ -349,6 +349,59 @@ def test_clip_coef_16bit_parts(calls, kind, dtype):
     assert calls["clip_coef"] == 1
     ref = coef_ref(parts, kind)  # of the 16-bit values, squared and summed in float32 by the kernel
     assert rel(out, ref).max() <= 1e-5, (out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ row scaling
+def scale_exact(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """coef_i · x_i in float64 (exact for float32 and 16-bit factors)."""
+    return x.double() * coef.double().reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def scale_f32(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The intended arithmetic: the float32 product, rounded once to x's dtype."""
+    return (x.float() * coef.float().reshape(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
+
+
+def awkward_coef(b: int) -> torch.Tensor:
+    """float32 coefficients that no 16-bit type holds exactly, one exact 0 (a padding row) and one 1."""
+    coef = torch.rand(b, dtype=torch.float32) * 0.7 + 0.1 + 1e-4
+    coef[0], coef[-1] = 0.0, 1.0
+    return coef
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("shape", [(3, 197, 40), (5, 3000), (2, 1, 1), (4, 7, 3, 5), (3, 2100, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_scale_rows(calls, shape, dtype):
+    x = torch.randn(shape, device=DEV).to(dtype)
+    coef = awkward_coef(shape[0]).to(DEV)
+    out = K.scale_rows(x, coef)
+    assert calls["scale_rows"] == 1
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, scale_f32(x, coef))
+    # one rounding of the exact product: within half a unit in the last place of x's dtype (plus float32's)
+    half_ulp = torch.finfo(dtype).eps / 2 + 2 ** -24
+    nz = x != 0
+    assert rel(out[nz], scale_exact(x, coef)[nz]).max() <= half_ulp
+    if dtype != torch.float32 and x.numel() > 1000:
+        # what rounding the coefficient to x's dtype first gives (it scales a sample systematically)
+        rounded = x * coef.to(dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        assert not torch.equal(rounded, out)
+    assert torch.equal(_torch_path(K.scale_rows, x, coef), out)  # the PyTorch path: the same single rounding
+    assert not out[0].any()  # coefficient 0: the padding row contributes exactly nothing
+
+
+def test_scale_rows_strides_and_empty(calls):
+    base = torch.randn(6, 9, 10, device=DEV)
+    coef = awkward_coef(3).to(DEV)
+    every_other = base[::2]  # samples apart, each one dense: the kernel reads it in place
+    assert torch.equal(K.scale_rows(every_other, coef), scale_f32(every_other, coef))
+    assert calls["scale_rows"] == 1
+    cut = base[:3, :, :7]  # rows of a sample not adjacent: the PyTorch path, same values
+    out = K.scale_rows(cut, coef)
+    assert calls["scale_rows"] == 1 and out.is_contiguous()
+    assert torch.equal(out, scale_f32(cut, coef))
+    assert K.scale_rows(torch.randn(0, 4, device=DEV), torch.ones(0, device=DEV)).shape == (0, 4)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -114,6 +114,33 @@ def layer_norm_backward(x, mean, rstd, g, w):
     return _run("layer_norm_backward", x, mean.reshape(-1), rstd.reshape(-1), g, w)
 
 
+# ------------------------------------------------------------------------------ scaling by the coefficient
+def scale_rows(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """coef_i · x_i for every sample i of x (B, ...), as a new tensor in x's dtype (contiguous).
+
+    The product is formed in float32 (float64 for float64 input) and rounded once: a 16-bit x does not also get a
+    rounded coefficient, which would scale every entry of a sample by the same rounding error (up to 2^-9 of
+    the clipped norm in bfloat16, systematically in one direction for that sample)."""
+    if active(x) and x.dim() >= 2 and _sample_contiguous(x):
+        out = _run("scale_rows", x, coef)
+        if out is not None:
+            return out
+    acc = torch.float64 if torch.float64 in (x.dtype, coef.dtype) else torch.float32
+    c = coef.to(acc).reshape(-1, *([1] * (x.dim() - 1)))
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    return torch.mul(x, c, out=out)  # computed in `acc`, written in x's dtype: one rounding
+
+
+def _sample_contiguous(x: torch.Tensor) -> bool:
+    """Whether each x[i] is one dense block (any stride between samples)."""
+    expect = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 # ------------------------------------------------------------------------------ coefficients
 def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0, scale: float = 1.0,
               out_scale: float = 1.0, gamma: float = 0.01, r: float = 0.01,

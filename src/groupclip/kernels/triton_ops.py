@@ -10,6 +10,8 @@ Each replaces a chain of small PyTorch operations by one launch:
   thread block row: the input gradient needs whole rows).
 * `clip_coef`: per-sample squared norms from up to four sources (raw per-sample values or partial sums),
   and the clip coefficient φ(‖g_i‖)·scale/B of one group.
+* `scale_rows`: every sample's factor times its clip coefficient (before the clipped sum's product), with
+  vector loads and the product in float32.
 """
 
 from __future__ import annotations
@@ -314,4 +316,29 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float, scale
     kernel = _coef2_kernel if slots == 2 else _coef_kernel
     kernel[(bsz,)](*args, out, out if mask is None else mask, float(c), float(scale), float(out_scale),
                    float(gamma), float(r), KIND=KINDS[kind], MASKED=mask is not None, BK=512, num_warps=4, **flags)
+    return out
+
+
+@triton.jit
+def _scale_rows_kernel(x_ptr, coef_ptr, out_ptr, N, sx_b, CHUNKS, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // CHUNKS
+    offs = (pid % CHUNKS) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    c = tl.load(coef_ptr + b).to(tl.float32)
+    x = tl.load(x_ptr + b * sx_b + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * N + offs, (x * c).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def scale_rows(x: torch.Tensor, coef: torch.Tensor, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+    """coef_i · x_i for every sample of x (B, ...), each sample's entries contiguous; a contiguous result in x's
+    dtype, the product formed in float32. One flat stream per sample: vector loads and stores, unlike PyTorch's
+    broadcasting multiply by coef[:, None, None] (its non-vectorised kernel, about half the memory speed)."""
+    bsz = x.shape[0]
+    n = x[0].numel() if bsz else 0
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if bsz == 0 or n == 0:
+        return out
+    chunks = triton.cdiv(n, block)
+    _scale_rows_kernel[(bsz * chunks,)](x, coef, out, n, x.stride(0), chunks, BLOCK=block, num_warps=num_warps)
     return out

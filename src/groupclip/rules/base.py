@@ -86,8 +86,11 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype."""
+    """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype. 16-bit per-sample values are summed
+    in float32: a coefficient rounded to 16 bits would scale that sample's whole gradient by its rounding error."""
     flat = ps.flatten(1)
+    if flat.dtype in _LOW:
+        flat = flat.float()
     return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groupclip import kernels
 from groupclip.capture.context import Use
 from groupclip.rules.base import (
     Factors,
@@ -122,5 +123,5 @@ class ConvRule(WeightBiasRule):
 
     def _weight_sum(self, use, coef, p):
         rows, cols = self._grouped(use)
-        rows = rows * coef.to(rows.dtype)[:, None, None, None]
+        rows = kernels.scale_rows(rows, coef)
         return param_dtype_like(torch.einsum("blgo,blgk->gok", rows, cols).reshape(p.shape), p)

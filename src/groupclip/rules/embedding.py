@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groupclip import kernels
 from groupclip.rules.base import EngineError, Factors, Rule, ghost_inner, param_dtype_like
 
 
@@ -59,7 +60,7 @@ class EmbeddingRule(Rule):
         idx, g = self._cols(use)
         p = use.unit.params[name]
         out = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
-        out.index_add_(0, idx.flatten(), (g * coef.to(g.dtype)[:, None, None]).flatten(0, 1))
+        out.index_add_(0, idx.flatten(), kernels.scale_rows(g, coef).flatten(0, 1))
         return param_dtype_like(out, p)
 
     def per_sample(self, use, name):

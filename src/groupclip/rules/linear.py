@@ -107,9 +107,9 @@ class LinearRule(WeightBiasRule):
         f = self.factors(use, "weight")
         r, c = common(f.rows, f.cols)
         if r.shape[2] <= c.shape[2]:
-            r = r * coef.to(r.dtype)[:, None, None]
+            r = kernels.scale_rows(r, coef)
         else:
-            c = c * coef.to(c.dtype)[:, None, None]
+            c = kernels.scale_rows(c, coef)
         return mm_into(r.flatten(0, 1).t(), c.flatten(0, 1), p)
 
 
