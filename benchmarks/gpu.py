@@ -9,7 +9,7 @@ the two rounds interleaved; median of --steps timed steps after --warmup, synchr
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
 model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they
 replace), pyprofile (cProfile of a few steps), time (throughput and peak memory), maxbatch (largest batch that
-fits, searched).
+fits, searched for each mode of --modes but Opacus's, graphed ones included; each search in a fresh process).
 
     python benchmarks/gpu.py --out results.json [--phases check,time,maxbatch] [--workloads gpt2-256,vit]
 """
@@ -17,6 +17,7 @@ fits, searched).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import functools
@@ -25,7 +26,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -40,6 +43,7 @@ WORKLOADS = {
 }
 MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "opacus-hooks", "opacus-ghost",
          "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
+MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus")]  # the modes the largest-batch search takes
 GRAPH = "-graph"  # suffix: forward + backward replayed from a CUDA graph (groupclip.graphs.GraphedBackward)
 PRECISIONS = ["fp32", "bf16"]
 DEV = "cuda"
@@ -202,6 +206,10 @@ def sync():
         torch.cuda.synchronize()
 
 
+def device_name():
+    return torch.cuda.get_device_name() if DEV == "cuda" else platform.processor()
+
+
 def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
 
@@ -237,49 +245,184 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
     return row
 
 
+class SearchStopped(Exception):
+    """A trial failed with an error other than running out of memory: the process may not be usable any more."""
+
+    def __init__(self, batch: int, error: BaseException):
+        super().__init__(f"b={batch}: {type(error).__name__}: {error}")
+        self.batch, self.error = batch, error
+
+
+def is_oom(e: BaseException | None) -> bool:
+    """Out of memory, also where it is the cause of another error (a CUDA-graph capture that ran out of memory
+    raises groupclip's EngineError from it) or a CUDA or library error that says so."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
-    """Largest batch that runs two steps: grow by 1.5x until failure (cap: cap_factor x nominal), then bisect."""
+    """Largest batch that runs two steps: grow by 1.5x until failure (cap: cap_factor x nominal), then bisect.
+
+    Eager modes run every trial on one Setup. A graphed mode captures its graph at the batch size of its first
+    step, so each trial builds its own Setup (a capture at that size) and closes it after. A trial does not fit
+    when it runs out of memory, in the capture too. Any other error ends the search (a failed capture can leave
+    the process unusable): the row then keeps the largest batch that fitted so far, with "stopped" (the error)
+    and "stopped_at" (the batch it came at); where nothing fitted yet, the error is raised.
+    """
     nominal = WORKLOADS[workload]["batch"]
+    graph = mode.endswith(GRAPH)
     reset()
-    s = Setup(workload, mode, precision)
+    shared = None if graph else Setup(workload, mode, precision)
     gen = torch.Generator(DEV).manual_seed(2)
+    peaks, trials = {}, []
 
     def fits(b):
+        s, x, y, ok, stop = shared, None, None, False, None
         try:
             reset()
-            x, y = make_batch(s.kind, b, s.seq, gen, s.small)
+            if graph:
+                s = Setup(workload, mode, precision, batch=b)
+            w = WORKLOADS[workload]
+            x, y = make_batch(w["kind"], b, w["seq"], gen, w.get("small", False))
             for _ in range(2):
                 s.step(x, y)
             sync()
-            return True
-        except torch.cuda.OutOfMemoryError as e:
-            s.opt.zero_grad(set_to_none=True)
-            log(f"maxbatch {workload} {precision} {mode} b={b}: {str(e).splitlines()[0][:300]}")
-            return False
+            peaks[b] = peak_gib()
+            ok = True
+        except Exception as e:
+            if is_oom(e):
+                log(f"maxbatch {workload} {precision} {mode} b={b}: {str(e).splitlines()[0][:300]}")
+            else:
+                stop = SearchStopped(b, e)
+        x = y = None
+        try:
+            if graph and s is not None:
+                s.close()
+            elif not ok and s is not None:
+                s.opt.zero_grad(set_to_none=True)
+        except Exception as e:
+            stop = stop or SearchStopped(b, e)
+        s = None
+        if stop is not None:
+            log(f"maxbatch {workload} {precision} {mode} {stop}"[:400])
+            raise stop
+        trials.append([b, ok])
+        log(f"maxbatch {workload} {precision} {mode} b={b}: {'fits' if ok else 'does not fit'}"
+            + (f", peak {peaks[b]:.2f} GiB" if ok and DEV == "cuda" else ""))
+        return ok
 
     cap = int(cap_factor * nominal)
     lo, hi, b = 0, None, nominal
-    while True:  # grow by 1.5x, the last step to exactly the cap: "capped" means the cap itself fits
-        if not fits(b):
-            hi = b
-            break
-        lo = b
-        if b >= cap:
-            break
-        b = min(int(b * 1.5), cap)
-    if hi is not None:
-        for _ in range(4):
-            if hi - lo <= max(1, nominal // 16):
+    row = {"workload": workload, "mode": mode, "precision": precision}
+    try:
+        while True:  # grow by 1.5x, the last step to exactly the cap: "capped" means the cap itself fits
+            if not fits(b):
+                hi = b
                 break
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-    s.close()
-    reset()
-    return {"workload": workload, "mode": mode, "precision": precision, "max_batch": lo,
-            "capped": hi is None, "cap": cap}
+            lo = b
+            if b >= cap:
+                break
+            b = min(int(b * 1.5), cap)
+        if hi is not None:
+            for _ in range(4):
+                if hi - lo <= max(1, nominal // 16):
+                    break
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid
+    except SearchStopped as e:
+        if lo == 0:
+            raise e.error from None
+        row.update(stopped=f"{type(e.error).__name__}: {str(e.error)[:400]}", stopped_at=e.batch)
+    try:
+        if shared is not None:
+            shared.close()
+        reset()
+    except Exception as e:  # after a stop the process may not be usable: the row stands
+        log(f"maxbatch {workload} {precision} {mode}: cleanup failed: {type(e).__name__}: {str(e)[:300]}")
+    peak = peaks.get(lo)
+    row.update(max_batch=lo, capped=lo >= cap, cap=cap,
+               peak_mem_gib_at_max=peak if peak is not None and peak == peak else None, trials=trials)
+    return row
+
+
+def max_batch_row(workload, mode, precision) -> dict:
+    """max_batch's row, or the row with the error that ended it (--maxbatch-one: run in a process of its own)."""
+    try:
+        return max_batch(workload, mode, precision)
+    except Exception as e:
+        traceback.print_exc(limit=6)
+        return {"workload": workload, "mode": mode, "precision": precision,
+                "error": f"{type(e).__name__}: {e}"[:400]}
+
+
+def max_batch_isolated(workload, mode, precision, timeout, tiny) -> dict:
+    """One largest-batch search in a fresh Python process (`--maxbatch-one`): no allocator history, cached
+    blocks or leftovers of failed steps from another search. Same device and --tiny, same environment
+    (PYTORCH_CUDA_ALLOC_CONF included); its stderr goes to this log line by line, its last stdout line is the
+    row. A search that runs past `timeout` seconds is killed and recorded as an error."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--maxbatch-one", f"{workload},{precision},{mode}",
+           "--device", DEV] + (["--tiny"] if tiny else [])
+    tag = f"[maxbatch {workload} {precision} {mode}]"
+    row = {"workload": workload, "mode": mode, "precision": precision}
+    if DEV == "cuda" and torch.cuda.is_initialized():  # an earlier phase of this run: its context stays on the GPU
+        reset()
+        row["parent_cuda_context"] = True
+        log(f"{tag} note: this process holds a CUDA context ({torch.cuda.memory_reserved() / 2**30:.2f} GiB "
+            "reserved) while the search runs; run --phases maxbatch alone for the whole GPU")
+    out, tail = [], collections.deque(maxlen=5)
+
+    def pump_err(stream):
+        for line in stream:
+            tail.append(line.rstrip("\n"))
+            log(f"{tag} {tail[-1]}")
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    readers = [threading.Thread(target=pump_err, args=(proc.stderr,), daemon=True),
+               threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        if proc.poll() is None:  # timed out, or this process was interrupted: never leave a search running
+            proc.kill()
+            proc.wait()
+    for t in readers:
+        t.join(timeout=10)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    if rc is None:
+        row["error"] = f"timeout: no result after {timeout:g} s (--maxbatch-timeout)"
+    else:
+        found = None
+        for line in reversed(out):
+            if line.strip():
+                try:
+                    found = json.loads(line)
+                except ValueError:
+                    pass
+                break
+        if isinstance(found, dict) and (found.get("workload"), found.get("mode"), found.get("precision")) == (
+                workload, mode, precision):
+            row = {**found, **row}
+            if rc != 0:
+                row["exit_code"] = rc
+        else:
+            row["error"] = (f"the search process exited with code {rc} without a result row"
+                            + (f"; its stderr ended: {tail[-1][:300]}" if tail else ""))
+    row["isolated"] = True
+    return row
 
 
 def warm_setup(workload, mode, precision):
@@ -580,7 +723,7 @@ def _ln_torch(x, mean, rstd, g):
 # ----------------------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the result file (JSON); required")
     ap.add_argument("--phases", default="check,time,maxbatch")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--modes", default=",".join(MODES))
@@ -593,7 +736,13 @@ def main():
     ap.add_argument("--profile-out", default="profile.txt", help="where the profile phase writes its tables")
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script (with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
+    ap.add_argument("--maxbatch-timeout", type=float, default=600.0,
+                    help="seconds one largest-batch search (its own process) may take; past that it is killed and "
+                         "recorded as an error")
+    ap.add_argument("--maxbatch-one", help=argparse.SUPPRESS)  # WORKLOAD,PRECISION,MODE: one search, its row on stdout
     args = ap.parse_args()
+    if args.out is None and args.maxbatch_one is None:
+        ap.error("--out is required")
     global DEV
     DEV = args.device
     if args.tiny:
@@ -601,6 +750,10 @@ def main():
             w.update(small=True, batch=4, seq=16 if w["seq"] else 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.maxbatch_one is not None:  # the child process of max_batch_isolated: one search, its row last on stdout
+        w, prec, m = args.maxbatch_one.split(",")
+        print(json.dumps(max_batch_row(w, m, prec)), flush=True)
+        return
     phases = args.phases.split(",")
     workloads, modes, precisions = args.workloads.split(","), args.modes.split(","), args.precisions.split(",")
     try:
@@ -617,14 +770,17 @@ def main():
     result = {
         "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if DEV == "cuda" else platform.processor(),
+        # named after the searches when maxbatch is the only phase: this process then makes no CUDA context
+        # (about 0.5 GiB) that would stay on the GPU while the searches' processes run
+        "device": device_name() if any(p != "maxbatch" for p in phases) else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "groupclip": groupclip.__version__, "opacus": opacus_version,
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "tiny": args.tiny,
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tf32": True,
                      "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0,
-                     "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},
+                     "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                     **({"maxbatch_timeout_s": args.maxbatch_timeout} if "maxbatch" in phases else {})},
     }
 
     if args.append and os.path.exists(args.out):
@@ -674,19 +830,24 @@ def main():
                 for m in modes:
                     pyprofile_config(w, m, prec, args.profile_out + ".py.txt")
     if "maxbatch" in phases:
-        rows = [r for r in result.get("maxbatch", []) if (r["workload"], r["precision"]) not in
-                {(w, p) for w in workloads for p in precisions}]
+        # each search in a process of its own (max_batch_isolated); with --append the earlier rows stay, except
+        # those this run searches again
+        mb_modes = [m for m in modes if m in MAXBATCH_MODES]
+        rows = [r for r in result.get("maxbatch", []) if (r["workload"], r["precision"], r["mode"]) not in
+                {(w, p, m) for w in workloads for p in precisions for m in mb_modes}]
         for w in workloads:
             for prec in precisions:
-                for m in ("nonprivate", "groupclip-all-layer", "groupclip-layer-wise"):
-                    try:
-                        r = max_batch(w, m, prec)
-                    except Exception as e:
-                        r = {"workload": w, "mode": m, "precision": prec, "error": f"{type(e).__name__}: {e}"[:400]}
+                for m in mb_modes:
+                    r = max_batch_isolated(w, m, prec, args.maxbatch_timeout, args.tiny)
                     rows.append(r)
-                    log(json.dumps(r))
+                    log(json.dumps({k: v for k, v in r.items() if k != "trials"}))
                     result["maxbatch"] = rows
                     save()
+        if result["device"] is None:
+            result["device"] = device_name()
+            for run in result.get("runs", [])[-1:]:
+                run["device"] = result["device"]
+            save()
     print(summary(result))
 
 
@@ -714,8 +875,10 @@ def summary(result) -> str:
         lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
                      f"{r['samples_per_s']:10.1f} {sp:8.3f} {r['peak_mem_gib']:9.2f} {mem:6.3f}")
     for r in result.get("maxbatch", []):
-        lines.append(f"maxbatch {r['workload']:10s} {r['precision']:5s} {r['mode']:22s} "
-                     f"{r.get('max_batch', r.get('error', ''))}")
+        found = r.get("max_batch", r.get("error", ""))
+        if "stopped" in r:
+            found = f"{found} (search stopped at {r.get('stopped_at')}: {r['stopped'][:60]})"
+        lines.append(f"maxbatch {r['workload']:10s} {r['precision']:5s} {r['mode']:26s} {found}")
     return "\n".join(lines)
 
 

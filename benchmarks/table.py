@@ -1,12 +1,17 @@
 """Markdown table from a `benchmarks/gpu.py` result file (both timing rounds, ratios to non-private).
 
     python benchmarks/table.py benchmarks/results/h100-2026-11-24.json
+
+Largest batch: "≥" = the search's cap fitted; in parentheses the ratio to eager non-private's largest batch and,
+for a graphed mode, also to nonprivate-graph's ("× graph"); "search stopped" = an error other than running out
+of memory ended that search (the batch is the largest that fitted before it). Files from before the graphed
+modes were searched show "–" there.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
@@ -31,16 +36,14 @@ def table(result: dict) -> str:
                            r["samples_per_s"] / gb["samples_per_s"] if gb else None))
     out = ["| workload | precision | mode | samples/s (round 1 / 2) | × non-private speed | × non-private graph "
            "| peak GiB | × memory | largest batch (× non-private) |", "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted(set(cells) | set(errors), key=lambda k: (k[0], k[1], _order(k[2])))
+    # rows: every timed configuration, and every searched one (a run of the maxbatch phase alone)
+    keys = sorted(set(cells) | set(errors) | set(maxb), key=lambda k: (k[0], k[1], _order(k[2])))
     for key in keys:
         w, p, m = key
-        mb = maxb.get(key)
-        mb0 = maxb.get((w, p, "nonprivate"))
-        if mb and "max_batch" in mb:
-            ratio = mb["max_batch"] / mb0["max_batch"] if mb0 and mb0.get("max_batch") else float("nan")
-            big = f"{'≥' if mb.get('capped') else ''}{mb['max_batch']} ({ratio:.2f})"
-        else:
-            big = "–"
+        big = _largest(maxb, key)
+        if key not in cells and key not in errors:
+            out.append(f"| {w} | {p} | {m} | | | | | | {big} |")
+            continue
         if key in errors:
             out.append(f"| {w} | {p} | {m} | error: {errors[key][:60]} | | | | | |")
             continue
@@ -52,6 +55,28 @@ def table(result: dict) -> str:
     return "\n".join(out)
 
 
+def _largest(maxb: dict, key: tuple) -> str:
+    """The largest-batch cell: the batch, ≥ where the cap fitted, and its ratios to non-private's."""
+    w, p, m = key
+    mb = maxb.get(key)
+    if not mb:
+        return "–"
+    if "max_batch" not in mb:
+        return "error"
+
+    def ratio(base_mode):
+        b0 = maxb.get((w, p, base_mode))
+        return mb["max_batch"] / b0["max_batch"] if b0 and b0.get("max_batch") else None
+
+    r = ratio("nonprivate")
+    notes = [f"{r:.2f}" if r is not None else "nan"]
+    if m.endswith("-graph") and ratio("nonprivate-graph") is not None:
+        notes.append(f"{ratio('nonprivate-graph'):.2f} × graph")
+    if "stopped" in mb:
+        notes.append("search stopped")
+    return f"{'≥' if mb.get('capped') else ''}{mb['max_batch']} ({'; '.join(notes)})"
+
+
 def _order(mode: str) -> int:
     order = ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer", "nonprivate-graph",
              "groupclip-layer-wise-graph", "groupclip-all-layer-graph", "opacus-hooks", "opacus-ghost"]
@@ -59,4 +84,7 @@ def _order(mode: str) -> int:
 
 
 if __name__ == "__main__":
-    print(table(json.load(open(sys.argv[1]))))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", help="a result file of benchmarks/gpu.py (JSON)")
+    with open(ap.parse_args().result) as f:
+        print(table(json.load(f)))
