@@ -8,7 +8,8 @@ the two rounds interleaved; median of --steps timed steps after --warmup, synchr
 
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
 model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they
-replace), pyprofile (cProfile of a few steps), time (throughput and peak memory), maxbatch (largest batch that
+replace), ops (the row scaling, coefficient sums and shared-input ghost kernel against what they replaced),
+pyprofile (cProfile of a few steps), time (throughput and peak memory), maxbatch (largest batch that
 fits, searched for each mode of --modes but Opacus's, graphed ones included; each search in a fresh process).
 
     python benchmarks/gpu.py --out results.json [--phases check,time,maxbatch] [--workloads gpt2-256,vit]
@@ -696,6 +697,78 @@ def check_kernels() -> list[dict]:
     return out
 
 
+def _bench_ms(fn, *args, n=20, **kw):
+    """Median CUDA-event time of fn(*args) in ms, after 3 untimed calls."""
+    for _ in range(3):
+        fn(*args, **kw)
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(n):
+        start.record()
+        fn(*args, **kw)
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end))
+    return statistics.median(ts)
+
+
+def bench_ops() -> list[dict]:
+    """The clip path's smaller operations at the benchmark's shapes, each against what it replaced: scaling a
+    factor by the clip coefficients (PyTorch broadcasting multiply vs the row-scaling kernel), the coefficient
+    sum of instantiated 16-bit per-sample gradients (one 16-bit coefficient row vs head + tail rows), and the
+    ghost kernel of a layer whose input Gram tiles another layer kept (q, k, v). Each also checked for values."""
+    from groupclip import kernels
+    from groupclip.kernels import triton_ops
+    from groupclip.rules import base
+
+    gen = torch.Generator(DEV).manual_seed(7)
+    out = []
+    for name, b, t, d in (("vit-768", 128, 197, 768), ("vit-3072", 128, 197, 3072), ("gpt2-256-768", 64, 256, 768),
+                          ("gpt2-256-3072", 64, 256, 3072), ("gpt2-1024-768", 16, 1024, 768)):
+        for dt in (torch.bfloat16, torch.float32):
+            x = torch.randn(b, t, d, device=DEV, generator=gen).to(dt)
+            coef = torch.rand(b, device=DEV, generator=gen)
+            row = {"bench": "scale_rows", "shape": name, "dtype": str(dt),
+                   "torch_mul_ms": _bench_ms(lambda x, c: x * c.to(x.dtype)[:, None, None], x, coef),
+                   "equal_to_f32_product": bool(torch.equal(kernels.scale_rows(x, coef),
+                                                            (x.float() * coef[:, None, None]).to(dt)))}
+            for block, warps in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+                row[f"triton_{block}_{warps}_ms"] = _bench_ms(triton_ops.scale_rows, x, coef, block, warps)
+            out.append(row)
+            log("ops bench", json.dumps(row))
+    for name, b, n in (("gpt2-1024-mlp", 16, 768 * 3072), ("gpt2-1024-attn", 16, 768 * 768),
+                       ("gpt2-1024-qkv", 16, 768 * 2304)):
+        ps = torch.randn(b, n, device=DEV, generator=gen).to(torch.bfloat16)
+        coef = torch.rand(b, device=DEV, generator=gen)
+        p = torch.empty(n, device=DEV)
+        exact = (coef.double()[:, None] * ps.double()).sum(0)
+        old = base.mm_into(coef.to(ps.dtype)[None], ps, p).view(-1)
+        new = base.coef_sum(coef, ps, p)
+        row = {"bench": "coef_sum", "shape": name, "dtype": "torch.bfloat16",
+               "one_row_ms": _bench_ms(lambda c, s, p: base.mm_into(c.to(s.dtype)[None], s, p), coef, ps, p),
+               "head_tail_ms": _bench_ms(base.coef_sum, coef, ps, p),
+               "one_row_rel_err": float((old.double() - exact).norm() / exact.norm()),
+               "head_tail_rel_err": float((new.double() - exact).norm() / exact.norm())}
+        out.append(row)
+        log("ops bench", json.dumps(row))
+    for name, b, t, d in (("vit-qkv", 128, 197, 768), ("gpt2-256", 64, 256, 768)):
+        for dt in (torch.bfloat16, torch.float32):
+            a = torch.randn(b, t, d, device=DEV, generator=gen).to(dt)
+            g = torch.randn(b, t, d, device=DEV, generator=gen).to(dt)
+            kept = triton_ops.gram_tiles(a)
+            own = triton_ops.ghost_partials(a, g)
+            row = {"bench": "ghost_shared_input", "shape": name, "dtype": str(dt),
+                   "own_ms": _bench_ms(triton_ops.ghost_partials, a, g),
+                   "keep_ms": _bench_ms(triton_ops.ghost_partials, a, g, keep_a_tiles=kept),
+                   "read_ms": _bench_ms(triton_ops.ghost_partials, a, g, a_tiles=kept),
+                   "read_equal_own": bool(torch.equal(triton_ops.ghost_partials(a, g, a_tiles=kept), own)),
+                   "tiles_mib": kept.numel() * 4 / 2**20}
+            out.append(row)
+            log("ops bench", json.dumps(row))
+    return out
+
+
 def _ghost_torch(f):
     """The PyTorch ghost norm (padded cuBLAS Gram products), its Gram memo emptied so nothing is reused."""
     from groupclip.rules.base import GRAMS, ghost_inner
@@ -800,6 +873,9 @@ def main():
         save()
     if "kernels" in phases:
         result["kernels"] = check_kernels()
+        save()
+    if "ops" in phases:
+        result["ops"] = bench_ops()
         save()
     if "time" in phases:
         # with --append: the earlier run's rows stay, except those this run measures again

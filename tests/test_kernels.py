@@ -133,6 +133,51 @@ def test_ghost_partials_non_contiguous(calls, dtype):
     assert rel(K.ghost_partials(a2, g2).sum(1), ghost_ref(a2, g2)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("t", [1, 37, TILE + 9, 2 * TILE + 1])
+def test_ghost_kernel_shares_input_gram_tiles(dtype, t):
+    """A second layer reading the same input gets the same partials from the first one's kept Gram tiles."""
+    a = torch.randn(3, t, 40, device=DEV).to(dtype)
+    g1, g2 = (torch.randn(3, t, d, device=DEV).to(dtype) for d in (24, 56))
+    kept = K._ops.gram_tiles(a)
+    first = K._ops.ghost_partials(a, g1, keep_a_tiles=kept)
+    assert torch.equal(first, K._ops.ghost_partials(a, g1))
+    second = K._ops.ghost_partials(a, g2, a_tiles=kept)
+    assert torch.equal(second, K._ops.ghost_partials(a, g2))  # the same float32 tile values, read back
+    assert rel(second.sum(1), ghost_ref(a, g2)).max() <= 1e-5
+
+
+def test_shared_input_hands_tiles_to_later_readers_only_for_the_same_tensor(calls):
+    a = torch.randn(2, 20, 16, device=DEV)
+    shared = K.SharedInput()
+    shared.readers = 3
+    g = [torch.randn(2, 20, 8, device=DEV) for _ in range(3)]
+    seen = []
+    inner = K._ops.ghost_partials
+
+    def rec(a, g, a_tiles=None, keep_a_tiles=None):
+        seen.append((a_tiles is not None, keep_a_tiles is not None))
+        return inner(a, g, a_tiles=a_tiles, keep_a_tiles=keep_a_tiles)
+
+    K._ops.ghost_partials = rec
+    try:
+        outs = [K.ghost_partials(a, gi, shared) for gi in g]
+    finally:
+        K._ops.ghost_partials = inner
+    assert seen == [(False, True), (True, False), (True, False)]
+    assert shared.tiles is None and shared.source is None  # the last reader let them go
+    for gi, out in zip(g, outs, strict=True):
+        assert rel(out.sum(1), ghost_ref(a, gi)).max() <= 1e-5
+    # a changed input (in place: its version moves) is not read from tiles of the old values
+    again = K.SharedInput()
+    again.readers = 2
+    K.ghost_partials(a, g[0], again)
+    assert again.tiles is not None
+    a.mul_(2.0)
+    tiles, keep = again.arrive(a)
+    assert tiles is None and not keep
+
+
 def test_layer_norm_ps_empty_batch(calls):
     x = torch.randn(0, 200, 40, device=DEV)  # a long sequence: would split T if there were samples
     mean = torch.zeros(0, 200, 1, device=DEV)
@@ -548,6 +593,44 @@ def test_engine_gpt2(calls, monkeypatch, groups, clipping):
     assert calls["ghost_partials"] == 5
     assert calls["layer_norm_backward"] == 3 and calls["layer_norm_ps"] == 0  # ln_1, ln_2, ln_f
     assert calls["clip_coef"] >= 1
+
+
+class QKV(nn.Module):
+    """Three projections of one normalised input (q, k, v), a product of them, and a projection of another input."""
+
+    def __init__(self, d=48):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 7.0, dim=-1)
+        return self.o(torch.tanh(att @ self.v(h)))
+
+
+@pytest.mark.parametrize("clipping", CLIPS)
+@pytest.mark.parametrize("groups", GROUPS)
+def test_engine_q_k_v_share_their_input_gram(calls, monkeypatch, groups, clipping):
+    b, t = 3, TILE + 21
+    monkeypatch.setattr(rules_base, "GHOST_BALANCE", 1e12)  # every Linear takes the ghost norm
+    model = QKV()
+    x, target, w = make_mse_inputs(model, torch.randn(b, t, 48))
+    inputs = tuple(v.to(DEV) for v in (x, target, w))
+    model.to(DEV)
+    modes = []
+    inner = K._ops.ghost_partials
+
+    def rec(a, g, *args, a_tiles=None, keep_a_tiles=None, **kw):
+        modes.append("read" if a_tiles is not None else "keep" if keep_a_tiles is not None else "own")
+        return inner(a, g, *args, a_tiles=a_tiles, keep_a_tiles=keep_a_tiles, **kw)
+
+    monkeypatch.setattr(K._ops, "ghost_partials", rec)
+    c = spread_C(model, weighted_mse, inputs) if clipping == "abadi" else 1.0
+    check_against_oracle(model, weighted_mse, inputs, C=c, clipping=clipping, groups=groups, rtol=1e-4,
+                         dtype=torch.float32)
+    # o reads its own input; of q, k and v the first in backward keeps the tiles, the other two read them
+    assert sorted(modes) == ["keep", "own", "read", "read"], modes
 
 
 # ------------------------------------------------------------------------------------------------ fallback

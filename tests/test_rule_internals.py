@@ -37,6 +37,26 @@ def test_sq_norms_and_coef_sum_match_definitions():
     assert base.sq_norms(low).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_coef_sum_does_not_round_the_coefficient_of_16_bit_per_sample_gradients(dtype):
+    """One sample (the sum is coef_0 · ps_0): the clipped gradient's norm is coef_0 · ‖ps_0‖ up to rounding that
+    averages out over its entries, not off by the coefficient's own rounding to 16 bits (which scales every entry
+    alike and would let the clipped norm exceed the threshold)."""
+    g = torch.Generator().manual_seed(3)
+    ps = torch.randn(1, 4096, generator=g).to(dtype)
+    p = torch.zeros(4096)
+    worst = 0.0
+    for c in torch.linspace(0.31, 0.93, 25):
+        coef = c.reshape(1).float()
+        want = coef.double() * ps.double().norm()
+        got = base.coef_sum(coef, ps, p).double().norm()
+        rounded = coef.to(dtype).double() * ps.double().norm()  # what a 16-bit coefficient gives
+        worst = max(worst, abs((rounded / want).item() - 1))
+        assert abs((got / want).item() - 1) < torch.finfo(dtype).eps / 64, (c, got, want)
+    # the coefficients chosen do round visibly in 16 bits: the check above can fail
+    assert worst > torch.finfo(dtype).eps / 8
+
+
 def test_tensor_memo_is_keyed_by_identity_and_version():
     memo = base._TensorMemo(size=2)
     a = torch.ones(3)

@@ -22,8 +22,7 @@ from groupclip.capture.context import StepState, Use
 from groupclip.capture.functions import LayerFn, Tap
 from groupclip.capture.units import Unit, batchify
 from groupclip.rules import EngineError
-from groupclip.rules.base import GRAMS
-from groupclip.rules.linear import CASTS
+from groupclip.rules.base import clear_step_memos
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,7 @@ class CaptureHub:
             st.abandon()
         self._pending = []
         self._callback_queued = False
-        GRAMS.clear()
-        CASTS.clear()
+        clear_step_memos()
 
     def failed_partially(self) -> bool:
         """Whether a backward pass failed after writing part of its clipped gradient into p.grad (and p.grad
@@ -181,7 +179,7 @@ class CaptureHub:
             # batch): its step is abandoned, so this forward starts a new one instead of joining it
             log.debug("groupclip: the previous forward did not return; starting a new step")
             self.state = None
-            CASTS.clear()
+            clear_step_memos()
         self._root_open = True
         st = self._current()
         st.root_calls += 1
@@ -322,8 +320,7 @@ class CaptureHub:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        GRAMS.clear()
-        CASTS.clear()
+        clear_step_memos()
         pending, self._pending = self._pending, []
         for st in pending:
             for g in st.pending():

@@ -26,14 +26,14 @@ except Exception as e:  # no Triton, or no compiler for it: the PyTorch path is 
 _FAST = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _run(name: str, *args):
+def _run(name: str, *args, **kw):
     """Call a Triton op. If it cannot be compiled or launched here (no C compiler for Triton's launcher, an
     unsupported GPU), log it once and return None: the caller then computes the same quantity with PyTorch
     operations (the same maths, so nothing about privacy changes). Out-of-memory errors, and every error in
     `force` mode (tests), propagate."""
     global _ops
     try:
-        return getattr(_ops, name)(*args)
+        return getattr(_ops, name)(*args, **kw)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
@@ -76,13 +76,54 @@ def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0
 
 
-def ghost_partials(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype."""
+class SharedInput:
+    """One input tensor read by several layers of one step (q, k and v read one hidden state).
+
+    Each reader counts itself in forward (`readers`). In backward the first of them to run the fused ghost kernel
+    keeps the input's Gram tiles, the others read them instead of recomputing (a Gram over the input's width
+    saved per extra reader), and the last one lets them go. The tiles are only read back for the very tensor
+    they were computed from (address, shape, strides, dtype, version, TF32 setting); otherwise the reader
+    computes its own. Lives in the readers' per-step records, never on a tensor."""
+
+    __slots__ = ("readers", "arrived", "key", "source", "tiles")
+
+    def __init__(self) -> None:
+        self.readers = 0
+        self.arrived = 0
+        self.key: tuple | None = None
+        self.source: torch.Tensor | None = None  # holds the storage, so the address in `key` is not reused
+        self.tiles: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(a: torch.Tensor) -> tuple:
+        return (a.device, a.data_ptr(), a.shape, a.stride(), a.dtype, a._version,
+                torch.backends.cuda.matmul.allow_tf32)
+
+    def arrive(self, a: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(tiles of a to read or None, whether to keep this reader's tiles for the readers still to come)."""
+        self.arrived += 1
+        last = self.arrived >= self.readers
+        tiles = self.tiles if self.tiles is not None and self.key == self._key(a) else None
+        if last:
+            self.key = self.source = self.tiles = None
+        return tiles, tiles is None and not last
+
+    def keep(self, a: torch.Tensor, tiles: torch.Tensor) -> None:
+        self.key, self.source, self.tiles = self._key(a), a.detach(), tiles
+
+
+def ghost_partials(a: torch.Tensor, g: torch.Tensor, shared: SharedInput | None = None) -> torch.Tensor:
+    """(B, m) squared contributions summing to ‖Σ_t g_t a_tᵀ‖² per sample; a (B,T,Da), g (B,T,Dg), same dtype.
+    `shared`: a is an input that other layers read too (the fused kernel then shares its Gram tiles)."""
     if active(a, g):
         if a.dtype != g.dtype:  # the kernel reads both operands in one dtype
             a = a.to(g.dtype)
-        out = _run("ghost_partials", a, g)
+        tiles, keep = shared.arrive(a) if shared is not None and shared.readers > 1 else (None, False)
+        kept = _ops.gram_tiles(a) if keep else None
+        out = _run("ghost_partials", a, g, a_tiles=tiles, keep_a_tiles=kept) if _ops is not None else None
         if out is not None:
+            if keep:
+                shared.keep(a, kept)
             return out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))

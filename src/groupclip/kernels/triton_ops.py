@@ -47,8 +47,11 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
 
 
 @triton.jit
-def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NI, NJ,
-                  BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NI, NJ,
+                  BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr,
+                  A_TILES: tl.constexpr):
+    """A_TILES 0: compute both Gram tiles; 1: also store a's tile (compact lower triangle, square tiles); 2: read
+    a's tile from there instead of computing it (another layer read the same input)."""
     b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
     i = tl.program_id(1)
     j = tl.program_id(2)
@@ -58,7 +61,16 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t
         tj = j * BJ + tl.arange(0, BJ)
         mi = ti < T
         mj = tj < T
-        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BI, BJ, BK, FP32, TF32)
+        if A_TILES != 0:
+            n_tiles = NI * (NI + 1) // 2
+            at = tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ) + tl.arange(0, BI)[:, None] * BJ
+                              + tl.arange(0, BJ)[None, :])
+        if A_TILES == 2:
+            acc_a = tl.load(at)
+        else:
+            acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BI, BJ, BK, FP32, TF32)
+            if A_TILES == 1:
+                tl.store(at, acc_a)
         acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BI, BJ, BK, FP32, TF32)
         prod = acc_a * acc_g
         if (j + 1) * BJ <= i * BI:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
@@ -70,10 +82,18 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t
     tl.store(out_ptr + b * NI * NJ + i * NJ + j, total)
 
 
+def gram_tiles(a: torch.Tensor, tile: int = _TILE) -> torch.Tensor:
+    """An uninitialised buffer for the lower-triangle Gram tiles of a (B, T, D), as the ghost kernel stores them."""
+    ni = triton.cdiv(max(a.shape[1], 1), tile)
+    return torch.empty((a.shape[0], ni * (ni + 1) // 2, tile, tile), device=a.device, dtype=torch.float32)
+
+
 def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int | None = None,
-                   num_warps: int = 8, num_stages: int | None = None, tile_j: int | None = None) -> torch.Tensor:
+                   num_warps: int = 8, num_stages: int | None = None, tile_j: int | None = None,
+                   a_tiles: torch.Tensor | None = None, keep_a_tiles: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ: one program
-    per (tile rows × tile_j columns) block of the lower triangle of (t, s) pairs."""
+    per (tile rows × tile_j columns) block of the lower triangle of (t, s) pairs. `keep_a_tiles` (from
+    `gram_tiles`) receives a's Gram tiles; `a_tiles` holds them already (computed from this same a)."""
     bsz, t, da = a.shape
     dg = g.shape[2]
     bj = tile_j or tile
@@ -82,11 +102,16 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int 
     if bsz == 0:
         return out
     fp32 = a.dtype == torch.float32
+    mode = 2 if a_tiles is not None else 1 if keep_a_tiles is not None else 0
+    tiles = a_tiles if mode == 2 else keep_a_tiles if mode == 1 else out
+    if mode:
+        assert bj == tile and tuple(tiles.shape) == (bsz, ni * (ni + 1) // 2, tile, tile), "Gram tiles of another shape"
     _ghost_kernel[(bsz, ni, nj)](
-        a, g, out, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2), ni, nj,
+        a, g, out, tiles, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2),
+        ni, nj,
         # float32 fits three pipeline stages of 64-wide steps in shared memory (H100, against 32-wide steps in four
         # stages: up to 21% faster at the benchmark's shapes, 16% slower at one; benchmarks/NOTES.md)
-        BI=tile, BJ=bj, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        BI=tile, BJ=bj, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32), A_TILES=mode,
         num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
     )
     return out

@@ -86,12 +86,27 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype. 16-bit per-sample values are summed
-    in float32: a coefficient rounded to 16 bits would scale that sample's whole gradient by its rounding error."""
+    """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype.
+
+    16-bit per-sample values are not multiplied by a 16-bit coefficient: rounding coef_i would scale sample i's
+    whole gradient by the same error (up to 2^-9 of its clipped norm in bfloat16). The coefficient is split into
+    a 16-bit head and tail, one product of two rows (the same pass over ps), accumulated in float32."""
     flat = ps.flatten(1)
     if flat.dtype in _LOW:
-        flat = flat.float()
+        head = coef.to(flat.dtype)
+        tail = (coef.float() - head.float()).to(flat.dtype)
+        return param_dtype_like(_mm_f32(torch.stack((head, tail)), flat).sum(0), p).view(p.shape)
     return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of 16-bit operands with a float32 result: products exact, sums in float32 (on a GPU where the
+    leading dimensions are aligned; otherwise the 16-bit product's round-to-nearest output)."""
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    if a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
 
 
 class WeightBiasRule(Rule):
@@ -157,6 +172,15 @@ def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
+_STEP_MEMOS: list[_TensorMemo] = []
+
+
+def clear_step_memos() -> None:
+    """Forget every memo of the step (at the end of a backward pass, and after a failed one)."""
+    for memo in _STEP_MEMOS:
+        memo.clear()
+
+
 class _TensorMemo:
     """Results keyed by the identity of a live tensor (it holds a reference, so the address cannot be reused).
 
@@ -166,6 +190,7 @@ class _TensorMemo:
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.items: list[tuple[tuple, torch.Tensor, object]] = []
+        _STEP_MEMOS.append(self)
 
     @staticmethod
     def key(t: torch.Tensor, tag: object) -> tuple:

@@ -24,6 +24,7 @@ from groupclip.rules.base import (
 )
 
 CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
+READERS = _TensorMemo(size=1)  # input -> its kernels.SharedInput (the layers that read it in this step)
 
 
 def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -57,7 +58,16 @@ class LinearRule(WeightBiasRule):
             w, b = w.to(dt), (None if b is None else b.to(dt))
         out = F.linear(x, w, b)
         keep_x = x if "weight" in names else None
-        return out, (keep_x, w), {}
+        extra = {}
+        if keep_x is not None and kernels.active(x):
+            # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward
+            shared = READERS.get(x, "readers")
+            if shared is None:
+                shared = kernels.SharedInput()
+                READERS.put(x, "readers", shared)
+            shared.readers += 1
+            extra["input"] = shared
+        return out, (keep_x, w), extra
 
     def input_grad(self, module, use, needs):
         if not needs:
@@ -100,7 +110,8 @@ class LinearRule(WeightBiasRule):
             return chunked_norms(f.rows, f.cols)[:, None], True
         if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
             rows, cols = common(f.rows, f.cols)
-            return kernels.ghost_partials(cols, rows), True
+            x, g = (rows, cols) if self.transposed else (cols, rows)
+            return kernels.ghost_partials(x, g, use.extra.get("input")), True
         return ghost_inner(f, f)[:, None], True
 
     def _weight_sum(self, use, coef, p):
