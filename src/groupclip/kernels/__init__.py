@@ -24,6 +24,9 @@ except Exception as e:  # no Triton, or no compiler for it: the PyTorch path is 
     log.debug("groupclip: Triton kernels unavailable (%s); using PyTorch operations", e)
 
 _FAST = (torch.float32, torch.bfloat16, torch.float16)
+#: float32 factors are scaled by PyTorch's multiply (same dtype: its vectorised kernel, near memory speed on an
+#: H100); 16-bit ones by the kernel, where PyTorch's mixed-dtype broadcasting multiply runs at about half speed
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def _run(name: str, *args, **kw):
@@ -162,7 +165,7 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     The product is formed in float32 (float64 for float64 input) and rounded once: a 16-bit x does not also get a
     rounded coefficient, which would scale every entry of a sample by the same rounding error (up to 2^-9 of
     the clipped norm in bfloat16, systematically in one direction for that sample)."""
-    if active(x) and x.dim() >= 2 and _sample_contiguous(x):
+    if x.dtype in _LOW and active(x) and x.dim() >= 2 and _sample_contiguous(x):
         out = _run("scale_rows", x, coef)
         if out is not None:
             return out
