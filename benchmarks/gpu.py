@@ -750,19 +750,35 @@ def bench_ops() -> list[dict]:
             log("ops bench", json.dumps(row))
     for name, b, n in (("gpt2-1024-mlp", 16, 768 * 3072), ("gpt2-1024-attn", 16, 768 * 768),
                        ("gpt2-1024-qkv", 16, 768 * 2304)):
-        ps = torch.randn(b, n, device=DEV, generator=gen).to(torch.bfloat16)
-        coef = torch.rand(b, device=DEV, generator=gen)
-        p = torch.empty(n, device=DEV)
-        exact = (coef.double()[:, None] * ps.double()).sum(0)
-        old = base.mm_into(coef.to(ps.dtype)[None], ps, p).view(-1)
-        new = base.coef_sum(coef, ps, p)
-        row = {"bench": "coef_sum", "shape": name, "dtype": "torch.bfloat16",
-               "one_row_ms": _bench_ms(lambda c, s, p: base.mm_into(c.to(s.dtype)[None], s, p), coef, ps, p),
-               "head_tail_ms": _bench_ms(base.coef_sum, coef, ps, p),
-               "one_row_rel_err": float((old.double() - exact).norm() / exact.norm()),
-               "head_tail_rel_err": float((new.double() - exact).norm() / exact.norm())}
-        out.append(row)
-        log("ops bench", json.dumps(row))
+        for dt in (torch.bfloat16, torch.float32):
+            ps = torch.randn(b, n, device=DEV, generator=gen).to(dt)
+            coef = torch.rand(b, device=DEV, generator=gen)
+            p = torch.empty(n, device=DEV)
+            terms = coef.double()[:, None] * ps.double()
+            exact, size = terms.sum(0), terms.abs().sum(0).clamp_min(1e-30)
+
+            def err(got, exact=exact, size=size):
+                return float(((got.double() - exact).abs() / size).max())
+
+            def one_row(c, s, p):
+                return base.mm_into(c.to(s.dtype)[None], s, p).view(-1)
+
+            def head_tail(c, s, p):  # the PyTorch path of base.coef_sum
+                ops = kernels._ops
+                kernels._ops = None
+                try:
+                    return base.coef_sum(c, s, p)
+                finally:
+                    kernels._ops = ops
+
+            row = {"bench": "coef_sum", "shape": name, "dtype": str(dt)}
+            for key, fn in (("one_row", one_row), ("head_tail", head_tail), ("triton", base.coef_sum)):
+                row[f"{key}_ms"] = _bench_ms(fn, coef, ps, p)
+                row[f"{key}_err"] = err(fn(coef, ps, p))  # max |error| / Σ_i |coef_i ps_i|, per entry
+            for block, warps in ((512, 4), (2048, 4), (2048, 8)):
+                row[f"triton_{block}_{warps}_ms"] = _bench_ms(triton_ops.coef_sum, coef, ps, block, warps)
+            out.append(row)
+            log("ops bench", json.dumps(row))
     for name, b, t, d in (("vit-qkv", 128, 197, 768), ("gpt2-256", 64, 256, 768)):
         for dt in (torch.bfloat16, torch.float32):
             a = torch.randn(b, t, d, device=DEV, generator=gen).to(dt)

@@ -33,7 +33,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(K, "_MODE", "force")
     assert K._ops is not None, "groupclip.kernels did not import its Triton kernels"
     count: collections.Counter = collections.Counter()
-    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef", "scale_rows"):
+    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef", "scale_rows", "coef_sum"):
         fn = getattr(K._ops, name)
 
         def counted(*args, _fn=fn, _name=name, **kw):
@@ -421,7 +421,9 @@ def test_scale_rows(calls, shape, dtype):
     x = torch.randn(shape, device=DEV).to(dtype)
     coef = awkward_coef(shape[0]).to(DEV)
     out = K.scale_rows(x, coef)
-    assert calls["scale_rows"] == (dtype != torch.float32)  # float32: PyTorch's multiply (same arithmetic)
+    assert calls["scale_rows"] == 1
+    assert torch.equal(K.scale_rows(x[1:], coef[1:]), out[1:])
+    assert torch.equal(K.scale_rows(x[::2], coef[::2]), out[::2])  # strided samples and coefficients
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
     assert torch.equal(out, scale_f32(x, coef))
     # one rounding of the exact product: within half a unit in the last place of x's dtype (plus float32's)
@@ -447,6 +449,28 @@ def test_scale_rows_strides_and_empty(calls):
     assert calls["scale_rows"] == 1 and out.is_contiguous()
     assert torch.equal(out, scale_f32(cut, coef))
     assert K.scale_rows(torch.randn(0, 4, device=DEV).half(), torch.ones(0, device=DEV)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3001), (33, 1024), (4, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_coef_sum_kernel(calls, shape, dtype):
+    """Σ_i coef_i ps_i of per-sample gradients: products and sum in float32, coefficients not rounded to 16 bits."""
+    ps = torch.randn(shape, device=DEV).to(dtype)
+    coef = awkward_coef(shape[0]).to(DEV)
+    p = torch.empty(shape[1], device=DEV)
+    out = rules_base.coef_sum(coef, ps, p)
+    assert calls["coef_sum"] == 1
+    assert out.dtype == torch.float32 and out.shape == (shape[1],)
+    exact = (coef.double()[:, None] * ps.double()).sum(0)
+    assert (out.double() - exact).abs().max() <= 1e-6 * (coef.double()[:, None] * ps.double()).abs().sum(0).max()
+    # in the parameter's dtype, and through a strided view of samples
+    half = rules_base.coef_sum(coef[::2], ps[::2], p.to(dtype))
+    assert half.dtype == dtype
+    terms = coef.double()[::2, None] * ps[::2].double()
+    exact_half = terms.sum(0)
+    # float32 sums (relative to the terms' size), then one rounding to the dtype
+    bound = torch.finfo(dtype).eps / 2 * exact_half.abs() + 1e-6 * terms.abs().sum(0) + 1e-30
+    assert ((half.double() - exact_half).abs() <= bound).all()
 
 
 # ------------------------------------------------------------------------------------------------ end to end

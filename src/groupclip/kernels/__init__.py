@@ -24,9 +24,6 @@ except Exception as e:  # no Triton, or no compiler for it: the PyTorch path is 
     log.debug("groupclip: Triton kernels unavailable (%s); using PyTorch operations", e)
 
 _FAST = (torch.float32, torch.bfloat16, torch.float16)
-#: float32 factors are scaled by PyTorch's multiply (same dtype: its vectorised kernel, near memory speed on an
-#: H100); 16-bit ones by the kernel, where PyTorch's mixed-dtype broadcasting multiply runs at about half speed
-_LOW = (torch.bfloat16, torch.float16)
 
 
 def _run(name: str, *args, **kw):
@@ -165,7 +162,7 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     The product is formed in float32 (float64 for float64 input) and rounded once: a 16-bit x does not also get a
     rounded coefficient, which would scale every entry of a sample by the same rounding error (up to 2^-9 of
     the clipped norm in bfloat16, systematically in one direction for that sample)."""
-    if x.dtype in _LOW and active(x) and x.dim() >= 2 and _sample_contiguous(x):
+    if active(x) and x.dim() >= 2 and _sample_contiguous(x):
         out = _run("scale_rows", x, coef)
         if out is not None:
             return out
@@ -173,6 +170,14 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     c = coef.to(acc).reshape(-1, *([1] * (x.dim() - 1)))
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     return torch.mul(x, c, out=out)  # computed in `acc`, written in x's dtype: one rounding
+
+
+def coef_sum(coef: torch.Tensor, ps: torch.Tensor) -> torch.Tensor | None:
+    """(N,) float32 Σ_i coef_i ps_i for ps (B, N) by the kernel (products and sum in float32, one pass), or None
+    where it does not apply (the caller's product then gives the same sum)."""
+    if not (active(ps) and ps.dim() == 2 and ps.stride(1) == 1):
+        return None
+    return _run("coef_sum", coef, ps)
 
 
 def _sample_contiguous(x: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ Each replaces a chain of small PyTorch operations by one launch:
   and the clip coefficient φ(‖g_i‖)·scale/B of one group.
 * `scale_rows`: every sample's factor times its clip coefficient (before the clipped sum's product), with
   vector loads and the product in float32.
+* `coef_sum`: Σ_i coef_i ps_i of instantiated per-sample gradients, in float32, one pass.
 """
 
 from __future__ import annotations
@@ -365,5 +366,29 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, block: int = 2048, num_warps
     if bsz == 0 or n == 0:
         return out
     chunks = triton.cdiv(n, block)
-    _scale_rows_kernel[(bsz * chunks,)](x, coef, out, n, x.stride(0), chunks, BLOCK=block, num_warps=num_warps)
+    _scale_rows_kernel[(bsz * chunks,)](x, coef.contiguous(), out, n, x.stride(0), chunks, BLOCK=block,
+                                        num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _coef_sum_kernel(ps_ptr, coef_ptr, out_ptr, B, N, s_b, BLOCK: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(0, B):
+        c = tl.load(coef_ptr + b).to(tl.float32)
+        acc += c * tl.load(ps_ptr + b * s_b + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, acc, mask=m)
+
+
+def coef_sum(coef: torch.Tensor, ps: torch.Tensor, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """(N,) float32 Σ_b coef_b · ps[b] for ps (B, N) with unit column stride: every product and the sum in
+    float32, one pass over ps."""
+    bsz, n = ps.shape
+    out = torch.empty((n,), device=ps.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    _coef_sum_kernel[(triton.cdiv(n, block),)](ps, coef.contiguous(), out, bsz, n, ps.stride(0), BLOCK=block,
+                                               num_warps=num_warps)
     return out

@@ -89,9 +89,13 @@ def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Ten
     """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype.
 
     16-bit per-sample values are not multiplied by a 16-bit coefficient: rounding coef_i would scale sample i's
-    whole gradient by the same error (up to 2^-9 of its clipped norm in bfloat16). The coefficient is split into
-    a 16-bit head and tail, one product of two rows (the same pass over ps), accumulated in float32."""
+    whole gradient by the same error (up to 2^-9 of its clipped norm in bfloat16). On the GPU one kernel forms
+    every product and the sum in float32; elsewhere the coefficient is split into a 16-bit head and tail, one
+    product of two rows, accumulated in float32."""
     flat = ps.flatten(1)
+    fused = kernels.coef_sum(coef, flat)
+    if fused is not None:
+        return param_dtype_like(fused, p).view(p.shape)
     if flat.dtype in _LOW:
         head = coef.to(flat.dtype)
         tail = (coef.float() - head.float()).to(flat.dtype)
