@@ -459,7 +459,7 @@ def test_coef_sum_kernel(calls, shape, dtype):
     coef = awkward_coef(shape[0]).to(DEV)
     p = torch.empty(shape[1], device=DEV)
     out = rules_base.coef_sum(coef, ps, p)
-    assert calls["coef_sum"] == 1
+    assert calls["coef_sum"] == (dtype != torch.float32)  # float32: one cuBLAS product (less host time)
     assert out.dtype == torch.float32 and out.shape == (shape[1],)
     exact = (coef.double()[:, None] * ps.double()).sum(0)
     assert (out.double() - exact).abs().max() <= 1e-6 * (coef.double()[:, None] * ps.double()).abs().sum(0).max()
