@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from oracle import check_against_oracle, make_mse_inputs, spread_C, weighted_mse
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 pytest.importorskip("triton")
 
@@ -633,12 +634,20 @@ class QKV(nn.Module):
         return self.o(torch.tanh(att @ self.v(h)))
 
 
+class CheckpointedQKV(QKV):
+    """QKV with its attention recomputed in backward (non-reentrant activation checkpointing)."""
+
+    def forward(self, x):
+        return checkpoint(super().forward, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("model_cls", [QKV, CheckpointedQKV], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("clipping", CLIPS)
 @pytest.mark.parametrize("groups", GROUPS)
-def test_engine_q_k_v_share_their_input_gram(calls, monkeypatch, groups, clipping):
+def test_engine_q_k_v_share_their_input_gram(calls, monkeypatch, groups, clipping, model_cls):
     b, t = 3, TILE + 21
     monkeypatch.setattr(rules_base, "GHOST_BALANCE", 1e12)  # every Linear takes the ghost norm
-    model = QKV()
+    model = model_cls()
     x, target, w = make_mse_inputs(model, torch.randn(b, t, 48))
     inputs = tuple(v.to(DEV) for v in (x, target, w))
     model.to(DEV)
