@@ -779,6 +779,24 @@ def bench_ops() -> list[dict]:
                 row[f"triton_{block}_{warps}_ms"] = _bench_ms(triton_ops.coef_sum, coef, ps, block, warps)
             out.append(row)
             log("ops bench", json.dumps(row))
+    from groupclip.rules.base import Factors
+
+    for name, b, t, da, dg in LM_HEAD_SHAPES:  # the tied output layer's own norm term, g (B, T, 50257)
+        for dt in (torch.bfloat16, torch.float32):
+            a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
+            g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)
+            old = _ghost_torch(Factors(g, a))
+            new = kernels.ghost_partials(a, g).sum(1)
+            row = {"bench": "lm_head_ghost", "shape": name, "dtype": str(dt),
+                   "chunks_cublas_ms": _bench_ms(_ghost_torch, Factors(g, a)),
+                   "wide_kernel_ms": _bench_ms(kernels.ghost_partials, a, g),
+                   "rel_diff": float(((new.double() - old.double()).abs() / old.double()).max())}
+            for progs in (512, 2048):
+                row[f"wide_{progs}_ms"] = _bench_ms(triton_ops.ghost_partials_wide, a, g, progs)
+            out.append(row)
+            log("ops bench", json.dumps(row))
+            del a, g
+    reset()
     for name, b, t, d in (("vit-qkv", 128, 197, 768), ("gpt2-256", 64, 256, 768)):
         for dt in (torch.bfloat16, torch.float32):
             a = torch.randn(b, t, d, device=DEV, generator=gen).to(dt)

@@ -148,6 +148,39 @@ def test_ghost_kernel_shares_input_gram_tiles(dtype, t):
     assert rel(second.sum(1), ghost_ref(a, g2)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("shape", [(3, 37, 12, 200), (2, TILE + 2, 20, 300), (1, 5, 300, 8)],
+                         ids=lambda s: "B{}-T{}-Da{}-Dg{}".format(*s))
+def test_ghost_partials_wide_operand(calls, monkeypatch, shape, dtype):
+    """An operand wider than GHOST_KERNEL_MAX_D (an output layer over a vocabulary): its features split over
+    programs, each slice's partial against the other operand's kept Gram tiles."""
+    monkeypatch.setattr(K, "GHOST_KERNEL_MAX_D", 64)
+    b, t, da, dg = shape
+    a = torch.randn(b, t, da, device=DEV).to(dtype)
+    g = torch.randn(b, t, dg, device=DEV).to(dtype)
+    seen = []
+    inner = K._ops.ghost_partials_wide
+
+    def rec(narrow, wide, *args, **kw):
+        seen.append((narrow.shape[2], wide.shape[2]))
+        return inner(narrow, wide, *args, **kw)
+
+    monkeypatch.setattr(K._ops, "ghost_partials_wide", rec)
+    out = K.ghost_partials(a, g)
+    assert seen == [(min(da, dg), max(da, dg))]  # the wider one is split, whichever argument it is
+    assert calls["ghost_partials"] == 1  # the narrow operand's tiles
+    assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
+    # several slices, the last one ragged
+    split = K._ops.ghost_partials_wide(a, g, programs=4 * b, bk=16) if dg > da else None
+    if split is not None:
+        assert split.shape[1] > triton_tiles(t) ** 2
+        assert rel(split.sum(1), ghost_ref(a, g)).max() <= 1e-5
+
+
+def triton_tiles(t: int) -> int:
+    return -(-t // TILE)
+
+
 def test_shared_input_hands_tiles_to_later_readers_only_for_the_same_tensor(calls):
     a = torch.randn(2, 20, 16, device=DEV)
     shared = K.SharedInput()
@@ -603,11 +636,18 @@ def lm_loss(model, ids):
     return per_tok.view(ids.shape[0], -1).mean(1).mean()
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["", "wide-kernel"])
 @pytest.mark.parametrize("clipping", CLIPS)
 @pytest.mark.parametrize("groups", GROUPS)
-def test_engine_gpt2(calls, monkeypatch, groups, clipping):
+def test_engine_gpt2(calls, monkeypatch, groups, clipping, wide):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(rules_base, "GHOST_BALANCE", 1e12)  # every Conv1D takes the ghost norm
+    wide_calls = []
+    if wide:  # the tied 50-word lm_head (and every layer wider than 40) takes the split-feature kernel
+        monkeypatch.setattr(K, "GHOST_KERNEL_MAX_D", 40)
+        inner = K._ops.ghost_partials_wide
+        monkeypatch.setattr(K._ops, "ghost_partials_wide",
+                            lambda n, w, *a, **k: wide_calls.append(w.shape[2]) or inner(n, w, *a, **k))
     model = gpt2(transformers).to(DEV)
     ids = torch.randint(0, 50, (3, 12), device=DEV)
     ids[0, 3:6] = ids[0, 0]
@@ -616,6 +656,8 @@ def test_engine_gpt2(calls, monkeypatch, groups, clipping):
                          rtol=1e-4, dtype=torch.float32)
     # c_attn, c_proj, c_fc, mlp c_proj of the one block, and the tied lm_head's own term of wte's norm
     assert calls["ghost_partials"] == 5
+    if wide:
+        assert sorted(wide_calls) == [50, 96, 128, 128]  # lm_head, c_attn, c_fc, mlp c_proj (c_proj is 32 wide)
     assert calls["layer_norm_backward"] == 3 and calls["layer_norm_ps"] == 0  # ln_1, ln_2, ln_f
     assert calls["clip_coef"] >= 1
 

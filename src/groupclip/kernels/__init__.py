@@ -61,16 +61,15 @@ def active(*ts: torch.Tensor) -> bool:
 GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
 
 
-#: Wider operands (a 50257-word output layer) are read faster by cuBLAS from aligned copies: 3.26 ms against the
-#: kernel's 3.87 ms in bf16 at B=64, T=256 on an H100 (rows 50257 elements apart defeat vector loads).
+#: Operands wider than this (a 50257-word output layer) take `ghost_partials_wide`: their features split over
+#: many programs. One launch per tile over the whole width ran 192 programs on 132 SMs (GPT-2 T=256, B=64) and
+#: lost to cuBLAS on aligned copies in bf16 (3.87 against 3.26 ms on an H100).
 GHOST_KERNEL_MAX_D = 8192
 
 
 def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the fused kernel should compute the ghost norm of a (B,T,·), g (B,T,·)."""
     if not active(a, g) or GHOST_KERNEL_MAX_T < 0:
-        return False
-    if _MODE != "force" and max(a.shape[2], g.shape[2]) > GHOST_KERNEL_MAX_D:
         return False
     t = a.shape[1]
     return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0
@@ -118,6 +117,11 @@ def ghost_partials(a: torch.Tensor, g: torch.Tensor, shared: SharedInput | None 
     if active(a, g):
         if a.dtype != g.dtype:  # the kernel reads both operands in one dtype
             a = a.to(g.dtype)
+        if max(a.shape[2], g.shape[2]) > GHOST_KERNEL_MAX_D and _ops is not None:
+            narrow, wide = (a, g) if g.shape[2] >= a.shape[2] else (g, a)  # the norm is symmetric in a and g
+            out = _run("ghost_partials_wide", narrow, wide)
+            if out is not None:
+                return out
         tiles, keep = shared.arrive(a) if shared is not None and shared.readers > 1 else (None, False)
         kept = _ops.gram_tiles(a) if keep else None
         out = _run("ghost_partials", a, g, a_tiles=tiles, keep_a_tiles=kept) if _ops is not None else None

@@ -28,10 +28,11 @@ _TILE = 128
 
 @triton.jit
 def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
-               BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
-    """(BI, BJ) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over D features."""
+               BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr,
+               K0=0):
+    """(BI, BJ) float32 block of one sample's Gram matrix x xᵀ, rows ti against rows tj, over features K0..D."""
     acc = tl.zeros((BI, BJ), dtype=tl.float32)
-    for k0 in range(0, D, BK):
+    for k0 in range(K0, D, BK):
         kk = k0 + tl.arange(0, BK)
         mk = kk < D
         base = ptr + b * s_b + kk[None, :] * s_d
@@ -81,6 +82,64 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d,
             w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
             total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
     tl.store(out_ptr + b * NI * NJ + i * NJ + j, total)
+
+
+@triton.jit
+def _ghost_split_kernel(g_ptr, tiles_ptr, out_ptr, T, DG, sg_b, sg_t, sg_d, NI, NJ, S, KCHUNK,
+                        BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr,
+                        TF32: tl.constexpr):
+    """The ghost kernel for a very wide g (an output layer over a vocabulary): program (b·S + split, i, j) forms
+    the g-Gram tile over one slice of g's features only, and multiplies it by a's whole Gram tile, read from
+    `tiles_ptr` (the product is linear in the g-Gram, so the slices' partials add up)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // S
+    split = pid % S
+    i = tl.program_id(1)
+    j = tl.program_id(2)
+    total = 0.0
+    if j * BJ < (i + 1) * BI:
+        ti = i * BI + tl.arange(0, BI)
+        tj = j * BJ + tl.arange(0, BJ)
+        n_tiles = NI * (NI + 1) // 2
+        acc_a = tl.load(tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ)
+                                     + tl.arange(0, BI)[:, None] * BJ + tl.arange(0, BJ)[None, :]))
+        k0 = split * KCHUNK
+        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, ti < T, tj < T, tl.minimum(DG, k0 + KCHUNK),
+                           BI, BJ, BK, FP32, TF32, k0)
+        prod = acc_a * acc_g
+        if (j + 1) * BJ <= i * BI:
+            total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
+        else:
+            below = tj[None, :] < ti[:, None]
+            w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
+            total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
+    tl.store(out_ptr + pid * NI * NJ + i * NJ + j, total)
+
+
+def ghost_partials_wide(a: torch.Tensor, g: torch.Tensor, programs: int = 1024, bk: int = 64,
+                        num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
+    """`ghost_partials` for a g much wider than a: a's Gram tiles first (one launch over a's few features), then
+    g's features split over enough programs to fill the GPU (a (B, T, 50257) output gradient in place: no
+    aligned copies). (B, m) float32 partials."""
+    bsz, t, _ = a.shape
+    dg = g.shape[2]
+    ni = triton.cdiv(max(t, 1), _TILE)
+    lower = ni * (ni + 1) // 2
+    splits = max(1, min(triton.cdiv(programs, max(1, bsz * lower)), triton.cdiv(dg, 4 * bk)))
+    kchunk = triton.cdiv(triton.cdiv(dg, splits), bk) * bk
+    splits = triton.cdiv(dg, kchunk)
+    out = torch.empty((bsz, splits * ni * ni), device=a.device, dtype=torch.float32)
+    if bsz == 0:
+        return out
+    tiles = gram_tiles(a)
+    ghost_partials(a, a[:, :, :0], keep_a_tiles=tiles)  # a's tiles (a zero-width g: nothing else is computed)
+    fp32 = g.dtype == torch.float32
+    _ghost_split_kernel[(bsz * splits, ni, ni)](
+        g, tiles, out, t, dg, g.stride(0), g.stride(1), g.stride(2), ni, ni, splits, kchunk,
+        BI=_TILE, BJ=_TILE, BK=bk, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
+    )
+    return out
 
 
 def gram_tiles(a: torch.Tensor, tile: int = _TILE) -> torch.Tensor:
