@@ -65,6 +65,10 @@ GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
 #: many programs. One launch per tile over the whole width ran 192 programs on 132 SMs (GPT-2 T=256, B=64) and
 #: lost to cuBLAS on aligned copies in bf16 (3.87 against 3.26 ms on an H100).
 GHOST_KERNEL_MAX_D = 8192
+#: ... up to this many positions. The split kernel against cuBLAS on aligned chunk copies (H100, GPT-2's output
+#: layer, CUDA-graph timing): T=256, B=64: 2.69 vs 3.11 ms bf16, 3.24 vs 4.76 ms fp32; T=1024, B=16: 8.65 vs
+#: 5.38 ms bf16, 10.28 vs 8.53 ms fp32 (there cuBLAS's large Gram products win). Between the two: not measured.
+GHOST_WIDE_MAX_T = 256
 
 
 def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
@@ -72,7 +76,11 @@ def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     if not active(a, g) or GHOST_KERNEL_MAX_T < 0:
         return False
     t = a.shape[1]
-    return _MODE == "force" or t <= GHOST_KERNEL_MAX_T or t % 8 != 0
+    if _MODE == "force":
+        return True
+    if max(a.shape[2], g.shape[2]) > GHOST_KERNEL_MAX_D:
+        return t <= GHOST_WIDE_MAX_T
+    return t <= GHOST_KERNEL_MAX_T or t % 8 != 0
 
 
 class SharedInput:
