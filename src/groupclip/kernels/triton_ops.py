@@ -49,6 +49,27 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
 
 
 @triton.jit
+def _tile_slot(tiles_ptr, b, i, j, NI, BI: tl.constexpr, BJ: tl.constexpr):
+    """Pointers to tile (i, j) of sample b in the compact lower-triangle Gram tile buffer (`gram_tiles`)."""
+    n_tiles = NI * (NI + 1) // 2
+    return tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ) + tl.arange(0, BI)[:, None] * BJ
+                        + tl.arange(0, BJ)[None, :])
+
+
+@triton.jit
+def _pair_sum(prod, ti, tj, i, j, BI: tl.constexpr, BJ: tl.constexpr):
+    """Σ over the (t, s) pairs of one lower-triangle tile of the Gram product, each unordered pair counted as
+    both (t, s) and (s, t)."""
+    if (j + 1) * BJ <= i * BI:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
+        total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
+    else:  # on the diagonal: pairs below it twice, the diagonal once, pairs above it not at all
+        below = tj[None, :] < ti[:, None]
+        w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
+        total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
+    return total
+
+
+@triton.jit
 def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NI, NJ,
                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr,
                   A_TILES: tl.constexpr):
@@ -64,9 +85,7 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d,
         mi = ti < T
         mj = tj < T
         if A_TILES != 0:
-            n_tiles = NI * (NI + 1) // 2
-            at = tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ) + tl.arange(0, BI)[:, None] * BJ
-                              + tl.arange(0, BJ)[None, :])
+            at = _tile_slot(tiles_ptr, b, i, j, NI, BI, BJ)
         if A_TILES == 2:
             acc_a = tl.load(at)
         else:
@@ -74,13 +93,7 @@ def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d,
             if A_TILES == 1:
                 tl.store(at, acc_a)
         acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BI, BJ, BK, FP32, TF32)
-        prod = acc_a * acc_g
-        if (j + 1) * BJ <= i * BI:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
-            total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
-        else:  # on the diagonal: pairs below it twice, the diagonal once, pairs above it not at all
-            below = tj[None, :] < ti[:, None]
-            w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
-            total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
+        total = _pair_sum(acc_a * acc_g, ti, tj, i, j, BI, BJ)
     tl.store(out_ptr + b * NI * NJ + i * NJ + j, total)
 
 
@@ -100,19 +113,11 @@ def _ghost_split_kernel(g_ptr, tiles_ptr, out_ptr, T, DG, sg_b, sg_t, sg_d, NI, 
     if j * BJ < (i + 1) * BI:
         ti = i * BI + tl.arange(0, BI)
         tj = j * BJ + tl.arange(0, BJ)
-        n_tiles = NI * (NI + 1) // 2
-        acc_a = tl.load(tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ)
-                                     + tl.arange(0, BI)[:, None] * BJ + tl.arange(0, BJ)[None, :]))
+        acc_a = tl.load(_tile_slot(tiles_ptr, b, i, j, NI, BI, BJ))
         k0 = split * KCHUNK
         acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, ti < T, tj < T, tl.minimum(DG, k0 + KCHUNK),
                            BI, BJ, BK, FP32, TF32, k0)
-        prod = acc_a * acc_g
-        if (j + 1) * BJ <= i * BI:
-            total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
-        else:
-            below = tj[None, :] < ti[:, None]
-            w = tl.where(below, 2.0, tl.where(tj[None, :] == ti[:, None], 1.0, 0.0))
-            total = tl.sum(tl.sum(prod * w, axis=1), axis=0)
+        total = _pair_sum(acc_a * acc_g, ti, tj, i, j, BI, BJ)
     tl.store(out_ptr + pid * NI * NJ + i * NJ + j, total)
 
 
