@@ -706,6 +706,8 @@ def test_engine_q_k_v_share_their_input_gram(calls, monkeypatch, groups, clippin
                          dtype=torch.float32)
     # o reads its own input; of q, k and v the first in backward keeps the tiles, the other two read them
     assert sorted(modes) == ["keep", "own", "read", "read"], modes
+    # the clipped sums scale the shared input once where q, k and v share a coefficient (one group for all)
+    assert calls["scale_rows"] == (2 if groups == "all-layer" else 4), calls
 
 
 # ------------------------------------------------------------------------------------------------ fallback

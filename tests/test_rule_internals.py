@@ -57,6 +57,33 @@ def test_coef_sum_does_not_round_the_coefficient_of_16_bit_per_sample_gradients(
     assert worst > torch.finfo(dtype).eps / 8
 
 
+def test_scaled_input_is_shared_only_within_one_coefficient_scope(monkeypatch):
+    made = []
+    real = base.kernels.scale_rows
+    monkeypatch.setattr(base.kernels, "scale_rows", lambda x, c: made.append(1) or real(x, c))
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    coef = torch.rand(4, dtype=torch.float64)
+    want = x * coef[:, None, None]
+    base.scaled_input(x, coef, shared=True)
+    assert len(made) == 1 and not base.SCALED.items  # outside a scope: nothing kept
+    with base.one_coefficient():
+        first = base.scaled_input(x, coef, shared=True)
+        again = base.scaled_input(x, coef, shared=True)
+        assert again is first and len(made) == 2
+        torch.testing.assert_close(first, want, rtol=0, atol=0)
+        other = coef.clone()  # another coefficient tensor (another group), equal values: made anew
+        assert base.scaled_input(x, other, shared=True) is not first and len(made) == 3
+        other.mul_(0.5)  # modified in place: made anew, with the new values
+        torch.testing.assert_close(base.scaled_input(x, other, shared=True), want * 0.5, rtol=0, atol=0)
+        assert len(made) == 4
+        x.add_(1.0)  # the input modified in place: made anew
+        torch.testing.assert_close(base.scaled_input(x, other, shared=True), x * other[:, None, None], rtol=0, atol=0)
+        assert len(made) == 5
+        base.scaled_input(x, other, shared=False)  # a layer whose input nobody else reads: never memoised
+        assert len(made) == 6
+    assert not base.SCALED.items  # the scope's end drops the copy
+
+
 def test_tensor_memo_is_keyed_by_identity_and_version():
     memo = base._TensorMemo(size=2)
     a = torch.ones(3)

@@ -16,7 +16,7 @@ from torch import nn
 from groupclip.capture.context import Use
 from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
-from groupclip.rules.base import acc_dtype, ghost_inner
+from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
 GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -163,12 +163,13 @@ class Clipper:
                 dt = acc_dtype(*vecs)
                 parts.append((torch.stack([v.to(dt) for v in vecs], 1), True))
         coef = self._coef(k, parts, batch)
-        for p, pu in by_param.values():
-            total = None
-            for u, n in pu:
-                g = u.unit.rule.clipped_sum(u, coef, n)
-                total = g if total is None else total + g
-            _add_grad(p, total)
+        with one_coefficient():
+            for p, pu in by_param.values():
+                total = None
+                for u, n in pu:
+                    g = u.unit.rule.clipped_sum(u, coef, n)
+                    total = g if total is None else total + g
+                _add_grad(p, total)
 
     def _coef(self, k: int, parts: list[tuple[torch.Tensor, bool]], batch: int) -> torch.Tensor:
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back

@@ -8,6 +8,7 @@ combined without instantiating G_i (ghost inner products).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -219,6 +220,34 @@ class _TensorMemo:
 
 
 GRAMS = _TensorMemo()
+SCALED = _TensorMemo(size=1)  # an input -> (coefficient, the input scaled by it, its version), see scaled_input
+_ONE_COEF = [0]  # depth of `one_coefficient` scopes
+
+
+@contextlib.contextmanager
+def one_coefficient():
+    """Scope of one group's clipped sums, all under one coefficient tensor: layers that read one input (q, k and v
+    under all-layer clipping) scale it once (`scaled_input`); the copy is dropped when the scope ends."""
+    _ONE_COEF[0] += 1
+    try:
+        yield
+    finally:
+        _ONE_COEF[0] -= 1
+        if not _ONE_COEF[0]:
+            SCALED.clear()
+
+
+def scaled_input(x: torch.Tensor, coef: torch.Tensor, shared: bool) -> torch.Tensor:
+    """`kernels.scale_rows(x, coef)`; for an input several layers read (`shared`), inside `one_coefficient`, made
+    once for the very same tensor and coefficient (the memo holds the coefficient: its identity stays unique)."""
+    if not (shared and _ONE_COEF[0]):
+        return kernels.scale_rows(x, coef)
+    hit = SCALED.get(x, "scaled")
+    if hit is not None and hit[0] is coef and hit[2] == coef._version:
+        return hit[1]
+    out = kernels.scale_rows(x, coef)
+    SCALED.put(x, "scaled", (coef, out, coef._version))
+    return out
 
 
 _LOW = (torch.float16, torch.bfloat16)

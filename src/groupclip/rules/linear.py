@@ -21,6 +21,7 @@ from groupclip.rules.base import (
     mm_into,
     prefer_chunks,
     prefer_ghost,
+    scaled_input,
 )
 
 CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
@@ -59,8 +60,9 @@ class LinearRule(WeightBiasRule):
         out = F.linear(x, w, b)
         keep_x = x if "weight" in names else None
         extra = {}
-        if keep_x is not None and kernels.active(x):
-            # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward
+        if keep_x is not None:
+            # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward, and
+            # under one coefficient (all-layer clipping) its scaled copy for the clipped sums
             shared = READERS.get(x, "readers")
             if shared is None:
                 shared = kernels.SharedInput()
@@ -117,10 +119,13 @@ class LinearRule(WeightBiasRule):
     def _weight_sum(self, use, coef, p):
         f = self.factors(use, "weight")
         r, c = common(f.rows, f.cols)
-        if r.shape[2] <= c.shape[2]:
-            r = kernels.scale_rows(r, coef)
+        x, g = (r, c) if self.transposed else (c, r)  # the layer's input and its output gradient
+        if x.shape[2] <= g.shape[2]:  # scale the narrower factor; on a tie the input, which q, k, v share
+            shared = use.extra.get("input")
+            x = scaled_input(x, coef, shared is not None and shared.readers > 1)
         else:
-            c = kernels.scale_rows(c, coef)
+            g = kernels.scale_rows(g, coef)
+        r, c = (x, g) if self.transposed else (g, x)
         return mm_into(r.flatten(0, 1).t(), c.flatten(0, 1), p)
 
 
