@@ -243,7 +243,35 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         if s is not None:
             s.close()
         del s
+    row["left_gib"] = left_behind(f"{workload} {precision} {mode}")
     return row
+
+
+def left_behind(label: str) -> float:
+    """GiB still allocated on the GPU after a configuration closed (and the garbage collector ran): memory that
+    outlives it and counts in the peaks of every later configuration. Logs the largest live CUDA tensors then."""
+    reset()
+    if DEV != "cuda":
+        return float("nan")
+    left = torch.cuda.memory_allocated() / 2**30
+    if left > 0.1:
+        sizes = collections.Counter()
+        for o in gc.get_objects():
+            try:
+                if torch.is_tensor(o) and o.is_cuda:
+                    sizes[(tuple(o.shape), str(o.dtype), type(o).__name__)] += 1
+            except Exception:
+                continue
+        top = sorted(sizes.items(), key=lambda kv: -kv[1] * _numel(kv[0][0]))[:8]
+        log(f"left behind by {label}: {left:.2f} GiB; largest live CUDA tensors (shape, dtype, type): count {top}")
+    return left
+
+
+def _numel(shape) -> int:
+    n = 1
+    for v in shape:
+        n *= v
+    return n
 
 
 class SearchStopped(Exception):
@@ -568,6 +596,8 @@ KERNEL_SHAPES = [  # (name, B, T, Da, Dg): the ghost norms of the benchmark's la
 ]
 #: GPT-2's (tied) output layer: g is the (B, T, 50257) logits gradient, rows 50257 elements apart
 LM_HEAD_SHAPES = [("gpt2-256-lm-head", 64, 256, 768, 50257), ("gpt2-1024-lm-head", 16, 1024, 768, 50257)]
+#: sequence lengths between the two (same 16K tokens a batch): where the split-feature kernel stops paying off
+LM_HEAD_BETWEEN = [(f"gpt2-{t}-lm-head", 16384 // t, t, 768, 50257) for t in (384, 512, 768)]
 GHOST_VARIANTS = [  # (tile rows, tile columns, bk, warps, stages); the first is the default
     (128, 128, None, 8, None), (128, 128, None, 4, None), (128, 128, 128, 8, 3), (128, 128, 64, 8, 2),
     (128, 128, 32, 8, 5), (128, 128, 32, 4, 4), (64, 64, 64, 4, 3),
@@ -781,7 +811,7 @@ def bench_ops() -> list[dict]:
             log("ops bench", json.dumps(row))
     from groupclip.rules.base import Factors
 
-    for name, b, t, da, dg in LM_HEAD_SHAPES:  # the tied output layer's own norm term, g (B, T, 50257)
+    for name, b, t, da, dg in LM_HEAD_SHAPES + LM_HEAD_BETWEEN:  # the tied output layer's own norm term
         for dt in (torch.bfloat16, torch.float32):
             a = torch.randn(b, t, da, device=DEV, generator=gen).to(dt)
             g = torch.randn(b, t, dg, device=DEV, generator=gen).to(dt)

@@ -758,9 +758,11 @@ def test_ghost_kernel_choice_by_sequence_length(monkeypatch):
     assert choice(256) and choice(197) and choice(1001)
     assert not choice(1024)
 
-    def wide(t):  # an output layer over a 50257-word vocabulary
-        return K.use_ghost_kernel(torch.empty(2, t, 3), torch.empty(2, t, K.GHOST_KERNEL_MAX_D + 1))
+    def wide(t, dtype=torch.float16):  # an output layer over a 50257-word vocabulary
+        return K.use_ghost_kernel(torch.empty(2, t, 3, dtype=dtype), torch.empty(2, t, K.GHOST_KERNEL_MAX_D + 1,
+                                                                               dtype=dtype))
 
-    assert wide(256) and wide(197) and not wide(1024) and not wide(257)
+    assert wide(256) and wide(197) and not wide(1024) and not wide(257)  # 16-bit: up to T=256
+    assert wide(512, torch.float32) and not wide(513, torch.float32) and not wide(1024, torch.float32)
     monkeypatch.setattr(K, "GHOST_KERNEL_MAX_T", -1)
     assert not choice(197) and not choice(16)

@@ -291,3 +291,63 @@ def test_bias_only(setting):
     model = M.BiasOnlyNet()
     assert all(n.endswith("bias") for n, p in model.named_parameters() if p.requires_grad)
     run_case(model, torch.randn(5, 3, 5, 5), setting)
+
+
+# ----------------------------------------------------------------------------------------------------
+# generic units: a rule-handled child that reads the module's own input is not run again per sample
+# ----------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """ViT-style embeddings: a patch convolution of the input, a cls token and position embeddings (the raw
+    parameters make this module generic; the convolution is a child with its own rule). `variant` changes how
+    the child is reached."""
+
+    def __init__(self, variant: str, d: int = 6):
+        super().__init__()
+        self.variant = variant
+        self.conv = nn.Conv2d(2, d, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.5)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.variant == "derived":  # the child reads something computed from the input, not the input itself
+            t = self.conv(x * 1.0)
+        elif self.variant == "param":  # ... computed with one of this module's parameters
+            t = self.conv(x * self.scale)
+        else:
+            t = self.conv(x)
+        if self.variant == "inplace":  # the child's output modified in place after the call
+            t.mul_(1.5)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t.flatten(2).transpose(1, 2)], dim=1)
+        return torch.tanh(t + self.pos) * (self.scale if self.variant == "param" else 1.0)
+
+
+class PatchNet(nn.Module):
+    def __init__(self, variant: str):
+        super().__init__()
+        self.emb = PatchEmbed(variant)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("variant", ["input", "derived", "param", "inplace"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+def test_generic_rerun_uses_the_recorded_output_of_a_child_that_reads_its_input(monkeypatch, setting, variant):
+    """The per-sample re-run of the embeddings (vmapped) uses the patch convolution's output recorded in forward
+    when the convolution read the module's own input; otherwise it runs it. Both against the oracle."""
+    import torch.nn.functional as F
+
+    reruns = []
+    conv2d = F.conv2d
+
+    def counted(x, *a, **kw):
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # a call inside the engine's vmapped re-run
+            reruns.append(tuple(x.shape))
+        return conv2d(x, *a, **kw)
+
+    monkeypatch.setattr(F, "conv2d", counted)
+    run_case(PatchNet(variant), torch.randn(5, 2, 8, 8), setting)
+    # the engine's backward runs once (the oracle's per-sample gradients are made without vmap)
+    assert len(reruns) == (0 if variant == "input" else 1), reruns

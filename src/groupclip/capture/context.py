@@ -66,3 +66,48 @@ class StepState:
 
     def pending(self) -> list[int]:
         return [g for g, uses in self.arrived.items() if uses and g not in self.done]
+
+
+@dataclass(eq=False)
+class ChildOutput:
+    """One call of a rule-handled child inside a generic unit's forward: which of the parent's inputs it read
+    (`slot` in the parent's flattened arguments) and what it returned (detached; `version` at the time)."""
+
+    unit: Unit
+    call: int  # the how-many-th call of this child in the parent's forward
+    slot: int
+    out: torch.Tensor
+    version: int
+
+
+class ChildOutputs:
+    """Records, during a generic unit's forward, the calls of rule-handled child units whose only argument is
+    one of the parent's own inputs. Such a call depends on no parameter the generic rule differentiates (its
+    input is data; its parameters are its own), so the generic rule's per-sample re-run can use the recorded
+    output instead of running the child again (ViT's embeddings: the patch convolution). A child sharing a
+    parameter with the parent, an output modified in place after the call, or a re-run that passes anything
+    else runs the child as before."""
+
+    def __init__(self, parent: Unit, leaves: list) -> None:
+        self.parent_params = {id(p) for p in parent.params.values()}
+        self.leaves = leaves
+        self.records: list[ChildOutput] = []
+        self._calls: dict[int, int] = {}
+
+    @staticmethod
+    def wanted(st: StepState) -> bool:
+        # not while activations are being re-computed in backward (checkpointing), nor where saved tensors are
+        # packed by hooks (checkpointing, offloading): holding the output would defeat what those save
+        return (not st.recompute and torch._C._current_graph_task_id() == -1
+                and torch._C._autograd._top_saved_tensors_default_hooks(True) is None)
+
+    def offer(self, unit: Unit, x: Any, out: Any) -> None:
+        call = self._calls.get(id(unit), 0)
+        self._calls[id(unit)] = call + 1
+        if not isinstance(out, torch.Tensor) or not out.dim():
+            return
+        if any(id(p) in self.parent_params for p in unit.params.values()):
+            return
+        slot = next((i for i, v in enumerate(self.leaves) if v is x), None)
+        if slot is not None:
+            self.records.append(ChildOutput(unit, call, slot, out.detach(), out._version))

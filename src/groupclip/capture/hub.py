@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from groupclip.capture.context import StepState, Use
+from groupclip.capture.context import ChildOutputs, StepState, Use
 from groupclip.capture.functions import LayerFn, Tap
 from groupclip.capture.units import Unit, batchify
 from groupclip.rules import EngineError
@@ -75,6 +75,9 @@ class CaptureHub:
         self._ref: weakref.ref | None = None
         self._callback_task = -1  # graph task of the backward pass the end-of-backward callback was queued in
         self._bypass = False
+        # generic re-run: (unit, args, kwargs) -> a recorded output to use instead of running that child
+        self._replay: Callable[[Unit, tuple, dict], torch.Tensor | None] | None = None
+        self._recorders: list[ChildOutputs] = []  # generic forwards running now, innermost last
         self._handles: list[Any] = []
         self._pending: list[StepState] = []
         self._callback_queued = False
@@ -146,13 +149,16 @@ class CaptureHub:
         self.state = None
 
     @contextlib.contextmanager
-    def bypass(self):
-        """Run original forwards (used by the generic rule's per-sample re-run)."""
-        old, self._bypass = self._bypass, True
+    def bypass(self, replay: Callable[[Unit, tuple, dict], torch.Tensor | None] | None = None):
+        """Run original forwards (used by the generic rule's per-sample re-run). `replay` may hand back a child
+        unit's recorded output instead of running it (`ChildOutputs`)."""
+        old, self._bypass = (self._bypass, self._replay), True
+        if replay is not None:
+            self._replay = replay
         try:
             yield
         finally:
-            self._bypass = old
+            self._bypass, self._replay = old
 
     @staticmethod
     def _make_guard(name: str):
@@ -236,6 +242,10 @@ class CaptureHub:
 
         def forward(*args, **kwargs):
             if hub._bypass or not torch.is_grad_enabled():
+                if hub._replay is not None and hub._bypass:
+                    recorded = hub._replay(unit, args, kwargs)
+                    if recorded is not None:
+                        return recorded
                 return orig(*args, **kwargs)
             names = tuple(n for n, p in unit.params.items() if p.requires_grad)
             if not names:
@@ -249,15 +259,25 @@ class CaptureHub:
                 x = batchify(args[0], st.batch_size, unit)
                 params = [unit.params[n] for n in names]
                 st.count_forward(groups, params)
-                return LayerFn.apply(hub, unit, names, st, x, *params)
+                out = LayerFn.apply(hub, unit, names, st, x, *params)
+                if hub._recorders:
+                    hub._recorders[-1].offer(unit, args[0], out)
+                return out
             return hub._generic_forward(unit, orig, names, st, groups, args, kwargs)
 
         return forward
 
     def _generic_forward(self, unit, orig, names, st, groups, args, kwargs):
-        with _swapped(unit.module, {n: unit.params[n].detach() for n in names}):
-            out = orig(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
+        rec = ChildOutputs(unit, leaves) if ChildOutputs.wanted(st) else None
+        if rec is not None:
+            self._recorders.append(rec)
+        try:
+            with _swapped(unit.module, {n: unit.params[n].detach() for n in names}):
+                out = orig(*args, **kwargs)
+        finally:
+            if rec is not None:
+                self._recorders.pop()
         slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         saved = [leaves[i] for i in slots]
         kept = [None if isinstance(v, torch.Tensor) else v for v in leaves]
@@ -272,6 +292,8 @@ class CaptureHub:
         extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
                  "out_slots": out_slots, "batch": batch if batch is not None else 1,
                  "autocast": (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None}
+        if rec is not None and rec.records:
+            extra["replay"] = rec.records
         st.count_forward(groups, [unit.params[n] for n in names])
         tapped = Tap.apply(
             self, unit, st, extra, len(out_slots), len(saved),

@@ -65,10 +65,14 @@ GHOST_KERNEL_MAX_T = int(os.environ.get("GROUPCLIP_GHOST_KERNEL_MAX_T", "4096"))
 #: many programs. One launch per tile over the whole width ran 192 programs on 132 SMs (GPT-2 T=256, B=64) and
 #: lost to cuBLAS on aligned copies in bf16 (3.87 against 3.26 ms on an H100).
 GHOST_KERNEL_MAX_D = 8192
-#: ... up to this many positions. The split kernel against cuBLAS on aligned chunk copies (H100, GPT-2's output
-#: layer, CUDA-graph timing): T=256, B=64: 2.69 vs 3.11 ms bf16, 3.24 vs 4.76 ms fp32; T=1024, B=16: 8.65 vs
-#: 5.38 ms bf16, 10.28 vs 8.53 ms fp32 (there cuBLAS's large Gram products win). Between the two: not measured.
+#: ... up to this many positions in 16-bit, and GHOST_WIDE_MAX_T_F32 in float32. The split kernel against cuBLAS on
+#: aligned chunk copies (H100, GPT-2's output layer, 16K tokens a batch, CUDA-graph timing, ms):
+#:   T     256          384          512          768          1024
+#:   bf16  2.67 / 3.10  3.74 / 3.32  4.77 / 3.73  6.80 / 4.53  8.65 / 5.36
+#:   fp32  3.21 / 4.70  4.51 / 5.76  5.86 / 6.11  8.15 / 6.93  10.30 / 8.57
+#: (benchmarks/results/h100-2026-11-24-ops-2.json); at larger T cuBLAS's large Gram products win.
 GHOST_WIDE_MAX_T = 256
+GHOST_WIDE_MAX_T_F32 = 512
 
 
 def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
@@ -79,7 +83,7 @@ def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
     if _MODE == "force":
         return True
     if max(a.shape[2], g.shape[2]) > GHOST_KERNEL_MAX_D:
-        return t <= GHOST_WIDE_MAX_T
+        return t <= (GHOST_WIDE_MAX_T_F32 if g.dtype == torch.float32 else GHOST_WIDE_MAX_T)
     return t <= GHOST_KERNEL_MAX_T or t % 8 != 0
 
 
