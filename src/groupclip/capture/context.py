@@ -97,9 +97,11 @@ class ChildOutputs:
     @staticmethod
     def wanted(st: StepState) -> bool:
         # not while activations are being re-computed in backward (checkpointing), nor where saved tensors are
-        # packed by hooks (checkpointing, offloading): holding the output would defeat what those save
-        return (not st.recompute and torch._C._current_graph_task_id() == -1
-                and torch._C._autograd._top_saved_tensors_default_hooks(True) is None)
+        # packed by hooks (checkpointing, offloading): holding the output would defeat what those save. Where
+        # this PyTorch cannot say (no such query), nothing is recorded and children re-run as before.
+        top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        return (top_hooks is not None and not st.recompute and torch._C._current_graph_task_id() == -1
+                and top_hooks(True) is None)
 
     def offer(self, unit: Unit, x: Any, out: Any) -> None:
         call = self._calls.get(id(unit), 0)
