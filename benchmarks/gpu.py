@@ -24,6 +24,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -262,16 +263,9 @@ def left_behind(label: str) -> float:
                     sizes[(tuple(o.shape), str(o.dtype), type(o).__name__)] += 1
             except Exception:
                 continue
-        top = sorted(sizes.items(), key=lambda kv: -kv[1] * _numel(kv[0][0]))[:8]
+        top = sorted(sizes.items(), key=lambda kv: -kv[1] * math.prod(kv[0][0]))[:8]
         log(f"left behind by {label}: {left:.2f} GiB; largest live CUDA tensors (shape, dtype, type): count {top}")
     return left
-
-
-def _numel(shape) -> int:
-    n = 1
-    for v in shape:
-        n *= v
-    return n
 
 
 class SearchStopped(Exception):

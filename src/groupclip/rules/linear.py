@@ -111,15 +111,17 @@ class LinearRule(WeightBiasRule):
         if prefer_chunks(t, r, f.cols.shape[2], b, f.cols.element_size()):
             return chunked_norms(f.rows, f.cols)[:, None], True
         if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
-            rows, cols = common(f.rows, f.cols)
-            x, g = (rows, cols) if self.transposed else (cols, rows)
+            x, g = self._input_and_grad(f)
             return kernels.ghost_partials(x, g, use.extra.get("input")), True
         return ghost_inner(f, f)[:, None], True
 
-    def _weight_sum(self, use, coef, p):
-        f = self.factors(use, "weight")
+    def _input_and_grad(self, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input and its output gradient (B, T, ·) from its weight factors, in one dtype."""
         r, c = common(f.rows, f.cols)
-        x, g = (r, c) if self.transposed else (c, r)  # the layer's input and its output gradient
+        return (r, c) if self.transposed else (c, r)
+
+    def _weight_sum(self, use, coef, p):
+        x, g = self._input_and_grad(self.factors(use, "weight"))
         if x.shape[2] <= g.shape[2]:  # scale the narrower factor; on a tie the input, which q, k, v share
             shared = use.extra.get("input")
             x = scaled_input(x, coef, shared is not None and shared.readers > 1)
