@@ -106,17 +106,28 @@ def test_ghost_partials_sum_to_per_sample_norms(calls, shape, dtype):
     assert rel(_torch_path(K.ghost_partials, a, g).sum(1), ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (16, 16)], ids=lambda t: "{}x{}".format(*t))
-@pytest.mark.parametrize("t", [1, 16, 37, 50])
-def test_ghost_kernel_rectangular_tiles(t, tiles):
-    """Tiles of BI rows by BJ columns: blocks wholly below the diagonal count twice, blocks across it are weighted
-    pair by pair (twice below, once on, never above the diagonal)."""
+@pytest.mark.parametrize("t", [1, 16, 37, 50, 16 * 21 + 5])
+def test_ghost_kernel_small_tiles_cover_every_lower_pair_once(t):
+    """Tiles of 16 positions: up to 22 tile rows, 253 lower-triangle tile pairs, each program finding its pair
+    (i, j) from its flat index. Every (t, s) pair must be counted exactly once as (t, s) and once as (s, t): the
+    partials are checked against the norm, and one sample's partials (one per tile pair) against the Gram
+    products' sums over each tile."""
     if K._ops is None:
         pytest.skip("no Triton kernels")
     a = torch.randn(3, t, 24, device=DEV) * torch.tensor([0.5, 1.0, 3.0], device=DEV)[:, None, None]
     g = torch.randn(3, t, 40, device=DEV)
-    out = K._ops.ghost_partials(a, g, tiles[0], 16, 4, 1, tiles[1])
+    out = K._ops.ghost_partials(a, g, 16, 16, 4, 1)
+    ni = -(-t // 16)
+    assert out.shape == (3, ni * (ni + 1) // 2)
     assert rel(out.sum(1), ghost_ref(a, g)).max() <= 1e-5
+    prod = (a[1].double() @ a[1].double().T) * (g[1].double() @ g[1].double().T)
+    want = []
+    for i in range(ni):
+        for j in range(i + 1):
+            block = prod[16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+            want.append(2 * block.sum() if j < i else block.sum())  # a diagonal block holds both orders itself
+    want = torch.stack(want)
+    assert ((out[1].double() - want).abs() <= 1e-5 * prod.abs().sum()).all()
 
 
 @pytest.mark.parametrize("dtype", FP16, ids=str)
@@ -173,7 +184,7 @@ def test_ghost_partials_wide_operand(calls, monkeypatch, shape, dtype):
     # several slices, the last one ragged
     split = K._ops.ghost_partials_wide(a, g, programs=4 * b, bk=16) if dg > da else None
     if split is not None:
-        assert split.shape[1] > triton_tiles(t) ** 2
+        assert split.shape[1] > triton_tiles(t) * (triton_tiles(t) + 1) // 2  # several slices a tile pair
         assert rel(split.sum(1), ghost_ref(a, g)).max() <= 1e-5
 
 

@@ -49,18 +49,26 @@ def _gram_tile(ptr, s_b, s_t, s_d, b, ti, tj, mi, mj, D,
 
 
 @triton.jit
-def _tile_slot(tiles_ptr, b, i, j, NI, BI: tl.constexpr, BJ: tl.constexpr):
-    """Pointers to tile (i, j) of sample b in the compact lower-triangle Gram tile buffer (`gram_tiles`)."""
-    n_tiles = NI * (NI + 1) // 2
-    return tiles_ptr + ((b * n_tiles + i * (i + 1) // 2 + j) * (BI * BJ) + tl.arange(0, BI)[:, None] * BJ
-                        + tl.arange(0, BJ)[None, :])
+def _lower_pair(p):
+    """Tile (i, j), j <= i, of the p-th lower-triangle pair in row order: (0,0), (1,0), (1,1), (2,0), ..."""
+    i = ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    i = tl.where((i + 1) * (i + 2) // 2 <= p, i + 1, i)  # the float square root can be one off either way
+    i = tl.where(i * (i + 1) // 2 > p, i - 1, i)
+    return i, p - i * (i + 1) // 2
 
 
 @triton.jit
-def _pair_sum(prod, ti, tj, i, j, BI: tl.constexpr, BJ: tl.constexpr):
-    """Σ over the (t, s) pairs of one lower-triangle tile of the Gram product, each unordered pair counted as
+def _tile_slot(tiles_ptr, slot, BI: tl.constexpr):
+    """Pointers to one (BI, BI) tile of the compact lower-triangle Gram tile buffer (`gram_tiles`): slot
+    b·NL + p holds sample b's p-th lower-triangle tile."""
+    return tiles_ptr + slot * (BI * BI) + tl.arange(0, BI)[:, None] * BI + tl.arange(0, BI)[None, :]
+
+
+@triton.jit
+def _pair_sum(prod, ti, tj, i, j):
+    """Σ over the (t, s) pairs of lower-triangle tile (i, j) of the Gram product, each unordered pair counted as
     both (t, s) and (s, t)."""
-    if (j + 1) * BJ <= i * BI:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
+    if j < i:  # wholly below the diagonal: each pair stands for (t, s) and (s, t)
         total = 2.0 * tl.sum(tl.sum(prod, axis=1), axis=0)
     else:  # on the diagonal: pairs below it twice, the diagonal once, pairs above it not at all
         below = tj[None, :] < ti[:, None]
@@ -69,56 +77,59 @@ def _pair_sum(prod, ti, tj, i, j, BI: tl.constexpr, BJ: tl.constexpr):
     return total
 
 
+# The grids below are flat and put the batch slowest: one sample's tiles run side by side, so rows that two of
+# its tiles read come from L2 the second time. With the batch on the fastest grid axis, the first tile of every
+# sample ran before the second of any, each sample's rows were read from memory twice, and the kernel was
+# memory-bound (H100, ViT MLP shape fp32 0.266 -> 0.170 ms, bf16 0.142 -> 0.088; benchmarks/NOTES.md).
 @triton.jit
-def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NI, NJ,
-                  BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr,
+def _ghost_kernel(a_ptr, g_ptr, out_ptr, tiles_ptr, T, DA, DG, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d, NL,
+                  BI: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr,
                   A_TILES: tl.constexpr):
-    """A_TILES 0: compute both Gram tiles; 1: also store a's tile (compact lower triangle, square tiles); 2: read
-    a's tile from there instead of computing it (another layer read the same input)."""
-    b = tl.program_id(0).to(tl.int64)  # the batch on the first grid axis: up to 2^31 - 1 samples
-    i = tl.program_id(1)
-    j = tl.program_id(2)
-    total = 0.0
-    if j * BJ < (i + 1) * BI:  # the tile holds pairs (t, s) with s <= t
-        ti = i * BI + tl.arange(0, BI)
-        tj = j * BJ + tl.arange(0, BJ)
-        mi = ti < T
-        mj = tj < T
-        if A_TILES != 0:
-            at = _tile_slot(tiles_ptr, b, i, j, NI, BI, BJ)
-        if A_TILES == 2:
-            acc_a = tl.load(at)
-        else:
-            acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BI, BJ, BK, FP32, TF32)
-            if A_TILES == 1:
-                tl.store(at, acc_a)
-        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BI, BJ, BK, FP32, TF32)
-        total = _pair_sum(acc_a * acc_g, ti, tj, i, j, BI, BJ)
-    tl.store(out_ptr + b * NI * NJ + i * NJ + j, total)
+    """Program b·NL + p: sample b, lower-triangle tile pair p. A_TILES 0: compute both Gram tiles; 1: also store
+    a's tile (compact lower triangle); 2: read a's tile from there instead of computing it (another layer read
+    the same input)."""
+    pid = tl.program_id(0).to(tl.int64)  # up to 2^31 - 1 programs
+    b = pid // NL
+    i, j = _lower_pair((pid % NL).to(tl.int32))
+    ti = i * BI + tl.arange(0, BI)
+    tj = j * BI + tl.arange(0, BI)
+    mi = ti < T
+    mj = tj < T
+    if A_TILES != 0:
+        at = _tile_slot(tiles_ptr, pid, BI)
+    if A_TILES == 2:
+        acc_a = tl.load(at)
+    else:
+        acc_a = _gram_tile(a_ptr, sa_b, sa_t, sa_d, b, ti, tj, mi, mj, DA, BI, BI, BK, FP32, TF32)
+        if A_TILES == 1:
+            tl.store(at, acc_a)
+    acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, mi, mj, DG, BI, BI, BK, FP32, TF32)
+    tl.store(out_ptr + pid, _pair_sum(acc_a * acc_g, ti, tj, i, j))
 
 
 @triton.jit
-def _ghost_split_kernel(g_ptr, tiles_ptr, out_ptr, T, DG, sg_b, sg_t, sg_d, NI, NJ, S, KCHUNK,
-                        BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr,
-                        TF32: tl.constexpr):
-    """The ghost kernel for a very wide g (an output layer over a vocabulary): program (b·S + split, i, j) forms
+def _ghost_split_kernel(g_ptr, tiles_ptr, out_ptr, T, DG, sg_b, sg_t, sg_d, NL, S, KCHUNK,
+                        BI: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, TF32: tl.constexpr):
+    """The ghost kernel for a very wide g (an output layer over a vocabulary): program (b·S + split)·NL + p forms
     the g-Gram tile over one slice of g's features only, and multiplies it by a's whole Gram tile, read from
     `tiles_ptr` (the product is linear in the g-Gram, so the slices' partials add up)."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // S
-    split = pid % S
-    i = tl.program_id(1)
-    j = tl.program_id(2)
-    total = 0.0
-    if j * BJ < (i + 1) * BI:
-        ti = i * BI + tl.arange(0, BI)
-        tj = j * BJ + tl.arange(0, BJ)
-        acc_a = tl.load(_tile_slot(tiles_ptr, b, i, j, NI, BI, BJ))
-        k0 = split * KCHUNK
-        acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, ti < T, tj < T, tl.minimum(DG, k0 + KCHUNK),
-                           BI, BJ, BK, FP32, TF32, k0)
-        total = _pair_sum(acc_a * acc_g, ti, tj, i, j, BI, BJ)
-    tl.store(out_ptr + pid * NI * NJ + i * NJ + j, total)
+    p = (pid % NL).to(tl.int32)
+    b = pid // (NL * S)
+    split = (pid // NL) % S
+    i, j = _lower_pair(p)
+    ti = i * BI + tl.arange(0, BI)
+    tj = j * BI + tl.arange(0, BI)
+    acc_a = tl.load(_tile_slot(tiles_ptr, b * NL + p, BI))
+    k0 = split * KCHUNK
+    acc_g = _gram_tile(g_ptr, sg_b, sg_t, sg_d, b, ti, tj, ti < T, tj < T, tl.minimum(DG, k0 + KCHUNK),
+                       BI, BI, BK, FP32, TF32, k0)
+    tl.store(out_ptr + pid, _pair_sum(acc_a * acc_g, ti, tj, i, j))
+
+
+def _lower_pairs(t: int, tile: int) -> int:
+    ni = triton.cdiv(max(t, 1), tile)
+    return ni * (ni + 1) // 2
 
 
 def ghost_partials_wide(a: torch.Tensor, g: torch.Tensor, programs: int = 1024, bk: int = 64,
@@ -128,20 +139,19 @@ def ghost_partials_wide(a: torch.Tensor, g: torch.Tensor, programs: int = 1024, 
     aligned copies). (B, m) float32 partials."""
     bsz, t, _ = a.shape
     dg = g.shape[2]
-    ni = triton.cdiv(max(t, 1), _TILE)
-    lower = ni * (ni + 1) // 2
-    splits = max(1, min(triton.cdiv(programs, max(1, bsz * lower)), triton.cdiv(dg, 4 * bk)))
+    nl = _lower_pairs(t, _TILE)
+    splits = max(1, min(triton.cdiv(programs, max(1, bsz * nl)), triton.cdiv(dg, 4 * bk)))
     kchunk = triton.cdiv(triton.cdiv(dg, splits), bk) * bk
     splits = triton.cdiv(dg, kchunk)
-    out = torch.empty((bsz, splits * ni * ni), device=a.device, dtype=torch.float32)
+    out = torch.empty((bsz, splits * nl), device=a.device, dtype=torch.float32)
     if bsz == 0:
         return out
     tiles = gram_tiles(a)
     ghost_partials(a, a[:, :, :0], keep_a_tiles=tiles)  # a's tiles (a zero-width g: nothing else is computed)
     fp32 = g.dtype == torch.float32
-    _ghost_split_kernel[(bsz * splits, ni, ni)](
-        g, tiles, out, t, dg, g.stride(0), g.stride(1), g.stride(2), ni, ni, splits, kchunk,
-        BI=_TILE, BJ=_TILE, BK=bk, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+    _ghost_split_kernel[(bsz * splits * nl,)](
+        g, tiles, out, t, dg, g.stride(0), g.stride(1), g.stride(2), nl, splits, kchunk,
+        BI=_TILE, BK=bk, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
         num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
     )
     return out
@@ -149,35 +159,34 @@ def ghost_partials_wide(a: torch.Tensor, g: torch.Tensor, programs: int = 1024, 
 
 def gram_tiles(a: torch.Tensor, tile: int = _TILE) -> torch.Tensor:
     """An uninitialised buffer for the lower-triangle Gram tiles of a (B, T, D), as the ghost kernel stores them."""
-    ni = triton.cdiv(max(a.shape[1], 1), tile)
-    return torch.empty((a.shape[0], ni * (ni + 1) // 2, tile, tile), device=a.device, dtype=torch.float32)
+    return torch.empty((a.shape[0], _lower_pairs(a.shape[1], tile), tile, tile), device=a.device,
+                       dtype=torch.float32)
 
 
 def ghost_partials(a: torch.Tensor, g: torch.Tensor, tile: int = _TILE, bk: int | None = None,
-                   num_warps: int = 8, num_stages: int | None = None, tile_j: int | None = None,
+                   num_warps: int = 8, num_stages: int | None = None,
                    a_tiles: torch.Tensor | None = None, keep_a_tiles: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n) float32 partial sums whose row sums are the per-sample squared norms of Σ_t g_t a_tᵀ: one program
-    per (tile rows × tile_j columns) block of the lower triangle of (t, s) pairs. `keep_a_tiles` (from
-    `gram_tiles`) receives a's Gram tiles; `a_tiles` holds them already (computed from this same a)."""
+    per (tile × tile) block of the lower triangle of (t, s) pairs. `keep_a_tiles` (from `gram_tiles`) receives
+    a's Gram tiles; `a_tiles` holds them already (computed from this same a)."""
     bsz, t, da = a.shape
     dg = g.shape[2]
-    bj = tile_j or tile
-    ni, nj = triton.cdiv(max(t, 1), tile), triton.cdiv(max(t, 1), bj)
-    out = torch.empty((bsz, ni * nj), device=a.device, dtype=torch.float32)
+    nl = _lower_pairs(t, tile)
+    out = torch.empty((bsz, nl), device=a.device, dtype=torch.float32)
     if bsz == 0:
         return out
     fp32 = a.dtype == torch.float32
     mode = 2 if a_tiles is not None else 1 if keep_a_tiles is not None else 0
     tiles = a_tiles if mode == 2 else keep_a_tiles if mode == 1 else out
     if mode:
-        assert bj == tile and tuple(tiles.shape) == (bsz, ni * (ni + 1) // 2, tile, tile), "Gram tiles of another shape"
-    _ghost_kernel[(bsz, ni, nj)](
+        assert tuple(tiles.shape) == (bsz, nl, tile, tile), "Gram tiles of another shape"
+    _ghost_kernel[(bsz * nl,)](
         a, g, out, tiles, t, da, dg, a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2),
-        ni, nj,
-        # float32 fits three pipeline stages of 64-wide steps in shared memory (H100, against 32-wide steps in four
-        # stages: up to 21% faster at the benchmark's shapes, 16% slower at one; benchmarks/NOTES.md)
-        BI=tile, BJ=bj, BK=bk or 64, FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32), A_TILES=mode,
-        num_warps=num_warps, num_stages=num_stages or (3 if fp32 else 4),
+        nl,
+        # float32: 32-wide steps in four pipeline stages (H100: 1-11% faster than 64-wide in three at the
+        # benchmark's shapes with the flat grid; 64 in four does not fit in shared memory); 16-bit: 64 in four
+        BI=tile, BK=bk or (32 if fp32 else 64), FP32=fp32, TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        A_TILES=mode, num_warps=num_warps, num_stages=num_stages or 4,
     )
     return out
 
