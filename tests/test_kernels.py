@@ -773,7 +773,7 @@ def test_ghost_kernel_choice_by_sequence_length(monkeypatch):
         return K.use_ghost_kernel(torch.empty(2, t, 3, dtype=dtype), torch.empty(2, t, K.GHOST_KERNEL_MAX_D + 1,
                                                                                dtype=dtype))
 
-    assert wide(256) and wide(197) and not wide(1024) and not wide(257)  # 16-bit: up to T=256
-    assert wide(512, torch.float32) and not wide(513, torch.float32) and not wide(1024, torch.float32)
+    assert wide(384) and wide(197) and not wide(1024) and not wide(385)  # 16-bit: up to T=384
+    assert wide(1024, torch.float32) and not wide(1025, torch.float32)
     monkeypatch.setattr(K, "GHOST_KERNEL_MAX_T", -1)
     assert not choice(197) and not choice(16)

@@ -68,11 +68,12 @@ GHOST_KERNEL_MAX_D = 8192
 #: ... up to this many positions in 16-bit, and GHOST_WIDE_MAX_T_F32 in float32. The split kernel against cuBLAS on
 #: aligned chunk copies (H100, GPT-2's output layer, 16K tokens a batch, CUDA-graph timing, ms):
 #:   T     256          384          512          768          1024
-#:   bf16  2.67 / 3.10  3.74 / 3.32  4.77 / 3.73  6.80 / 4.53  8.65 / 5.36
-#:   fp32  3.21 / 4.70  4.51 / 5.76  5.86 / 6.11  8.15 / 6.93  10.30 / 8.57
-#: (benchmarks/results/h100-2026-11-24-ops-2.json); at larger T cuBLAS's large Gram products win.
-GHOST_WIDE_MAX_T = 256
-GHOST_WIDE_MAX_T_F32 = 512
+#:   bf16  2.31 / 3.10  3.04 / 3.32  3.76 / 3.73  5.44 / 4.50  6.62 / 5.35
+#:   fp32  2.63 / 4.68  3.37 / 5.75  4.19 / 6.09  5.89 / 6.92  7.19 / 8.52
+#: (benchmarks/results/h100-2026-11-24-ops-3.json, the kernel's flat grid); in 16-bit cuBLAS's large Gram
+#: products win from T = 512. Float32 was not measured past 1024.
+GHOST_WIDE_MAX_T = 384
+GHOST_WIDE_MAX_T_F32 = 1024
 
 
 def use_ghost_kernel(a: torch.Tensor, g: torch.Tensor) -> bool:
