@@ -112,7 +112,10 @@ class Clipper:
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
         self._members = [{id(p) for p in ps} for ps in groups.params]
         self._group_of = groups.index()
-        self._plans: dict[tuple, tuple[str, ...]] = {}  # (group, unit, names) -> the names in that group
+        # per call plan (fixed for the engine's life, like the groups): (group, plan) -> its names in that group;
+        # (plan, names) -> those names split by group, as (group, names, set of names)
+        self._plans: dict[tuple, tuple[str, ...]] = {}
+        self._splits: dict[tuple, tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]] = {}
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
@@ -130,13 +133,13 @@ class Clipper:
         members = self._members[k]
         by_param: dict[int, tuple[nn.Parameter, list[tuple[Use, str]]]] = {}
         for u in uses:
-            for n in u.names:
-                p = u.unit.params[n]
-                if id(p) not in members:
+            plan = u.plan
+            for n, p, i in zip(plan.names, plan.params, plan.param_ids, strict=True):
+                if i not in members:
                     continue  # the use also carries parameters of other groups
-                entry = by_param.get(id(p))
+                entry = by_param.get(i)
                 if entry is None:
-                    by_param[id(p)] = (p, [(u, n)])
+                    by_param[i] = (p, [(u, n)])
                 else:
                     entry[1].append((u, n))
         if not by_param:
@@ -149,7 +152,8 @@ class Clipper:
                 vecs.append(self._shared_norm2(pu))
                 continue
             u, n = pu[0]
-            early = u.cache.get("n2g", {}).get(k)
+            n2g = u.cache.get("n2g")
+            early = None if n2g is None else n2g.get(k)
             if early is not None and n in early[1]:
                 if id(u) not in reduced:
                     reduced.add(id(u))
@@ -161,7 +165,7 @@ class Clipper:
                 parts.append((vecs[0][:, None], True))
             else:
                 dt = acc_dtype(*vecs)
-                parts.append((torch.stack([v.to(dt) for v in vecs], 1), True))
+                parts.append((torch.stack([v if v.dtype == dt else v.to(dt) for v in vecs], 1), True))
         coef = self._coef(k, parts, batch)
         with one_coefficient():
             for p, pu in by_param.values():
@@ -183,11 +187,12 @@ class Clipper:
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
-        key = (k, id(u.unit), u.names)
+        key = (k, u.plan)
         names = self._plans.get(key)
         if names is None:
             members = self._members[k]
-            names = self._plans[key] = tuple(n for n in u.names if id(u.unit.params[n]) in members)
+            names = self._plans[key] = tuple(n for n, i in zip(u.names, u.plan.param_ids, strict=True)
+                                             if i in members)
         if not names:
             return
         rule = u.unit.rule
@@ -200,15 +205,23 @@ class Clipper:
         clipped sum will not need (instantiated per-sample gradients; for rules with small cached per-sample
         gradients, the saved input and output gradient too) until the group completes."""
         rule = use.unit.rule
-        by_group: dict[int, list[str]] = {}
-        for n in names:
-            by_group.setdefault(self._group_of[id(use.unit.params[n])], []).append(n)
         early = use.cache.setdefault("n2g", {})
-        for k, ns in by_group.items():
+        for k, ns, members in self._split(use, names):
             if k not in early:
-                early[k] = (clip_coef(rule.norm_parts(use, tuple(ns)), "norm2"), set(ns))
+                early[k] = (clip_coef(rule.norm_parts(use, ns), "norm2"), members)
         use.cache.pop("G", None)
         rule.compact(use)
+
+    def _split(self, use: Use, names: tuple[str, ...]) -> tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]:
+        """`names` of a use split by group, in order of first appearance."""
+        key = (use.plan, names)
+        found = self._splits.get(key)
+        if found is None:
+            by_group: dict[int, list[str]] = {}
+            for n in names:
+                by_group.setdefault(self._group_of[id(use.unit.params[n])], []).append(n)
+            found = self._splits[key] = tuple((k, tuple(ns), frozenset(ns)) for k, ns in by_group.items())
+        return found
 
     def _shared_norm2(self, pu: list[tuple[Use, str]]) -> torch.Tensor:
         """‖Σ_u G_u‖² of one tensor with several uses (tied weights, a layer called twice), with cross terms."""

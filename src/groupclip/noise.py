@@ -47,16 +47,17 @@ class GaussianNoise:
         std = self.std
         by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            g = p.grad
+            if g is None:
+                g = p.grad = torch.zeros_like(p)
             if std > 0:
-                by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
         for (device, dtype), grads in by_kind.items():
             gen = self.generator(device)
             for chunk in _chunks(grads, CHUNK):
                 sizes = [g.numel() for g in chunk]
                 flat = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
-                noise = [v.view(g.shape) for v, g in zip(flat.split(sizes), chunk, strict=True)]
+                noise = [v.view_as(g) for v, g in zip(flat.split(sizes), chunk, strict=True)]
                 torch._foreach_add_(chunk, noise, alpha=std)
 
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ Nothing here is attached to tensors or parameters; a `StepState` is dropped when
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,20 +15,38 @@ if TYPE_CHECKING:
     from groupclip.capture.units import Unit
 
 
-@dataclass(eq=False)
-class Use:
-    """One call of a unit: what its rule saved in forward and the output gradient from backward."""
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """What every call of one unit with one set of trainable parameters needs, worked out once per engine: the
+    trainable parameters (`names`, `params`, their ids) and the clipping groups they belong to. The hub keys it
+    by (unit, names), so a change of requires_grad selects another plan; units, their parameters and the
+    groups are fixed when the engine is created."""
 
     unit: Unit
-    saved: tuple[torch.Tensor, ...]
-    grad_out: Any  # a tensor, or a tuple of tensors/None for generic units
-    batch_size: int
-    extra: dict[str, Any] = field(default_factory=dict)  # non-tensor forward facts (shapes, flags)
-    cache: dict[str, Any] = field(default_factory=dict)  # per-sample results shared by norm and sum
+    names: tuple[str, ...]
+    params: tuple[torch.nn.Parameter, ...]
+    param_ids: tuple[int, ...]
+    groups: tuple[int, ...]
+    #: one None per parameter: the gradients LayerFn / Tap return for them
+    no_grads: tuple[None, ...]
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.extra["names"]
+
+class Use:
+    """One call of a unit: what its rule saved in forward and the output gradient from backward.
+
+    `extra` holds the rule's non-tensor forward facts (shapes, flags); `cache` the per-sample results shared by
+    the norm and the clipped sum."""
+
+    __slots__ = ("plan", "unit", "names", "saved", "grad_out", "batch_size", "extra", "cache")
+
+    def __init__(self, plan: CallPlan, saved: tuple[torch.Tensor, ...], grad_out: Any, batch_size: int,
+                 extra: dict[str, Any]) -> None:
+        self.plan, self.unit, self.names = plan, plan.unit, plan.names
+        self.saved = saved
+        self.grad_out = grad_out  # a tensor, or a tuple of tensors/None for generic units
+        self.batch_size = batch_size
+        self.extra = extra
+        self.cache: dict[str, Any] = {}
 
 
 class StepState:
@@ -44,18 +62,20 @@ class StepState:
         self.root_calls = 0  # forwards of the whole model in this step
         self.recompute = False  # created for a forward re-run inside a backward pass (checkpointing)
 
-    def count_forward(self, groups: set[int], params) -> None:
-        for g in groups:
-            self.expected[g] += 1
-        for p in params:
-            self.param_uses[id(p)] += 1
+    def count_forward(self, plan: CallPlan) -> None:
+        expected, uses = self.expected, self.param_uses
+        for g in plan.groups:
+            expected[g] += 1
+        for i in plan.param_ids:
+            uses[i] += 1
 
-    def add(self, use: Use, groups: set[int]) -> list[int]:
+    def add(self, use: Use) -> list[int]:
         """Record a use; return the groups that just became complete."""
         complete = []
-        for g in groups:
-            self.arrived[g].append(use)
-            if len(self.arrived[g]) >= self.expected[g] and g not in self.done:
+        for g in use.plan.groups:
+            arrived = self.arrived[g]
+            arrived.append(use)
+            if len(arrived) >= self.expected[g] and g not in self.done:
                 complete.append(g)
         return complete
 

@@ -16,34 +16,35 @@ from groupclip.capture.context import Use
 
 class LayerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hub, unit, names, state, x, *params):
-        out, saved, extra = unit.rule.forward(unit.module, x, names, ctx.needs_input_grad[4])
+    def forward(ctx, hub, plan, state, x, *params):
+        unit, x_grad = plan.unit, ctx.needs_input_grad[3]
+        out, saved, extra = unit.rule.forward(unit.module, x, plan.names, x_grad)
         ctx.save_for_backward(*saved)
-        ctx.hub, ctx.unit, ctx.state, ctx.extra = hub, unit, state, {"names": names, **extra}
+        ctx.hub, ctx.plan, ctx.state, ctx.extra, ctx.x_grad = hub, plan, state, extra, x_grad
         ctx.batch = x.shape[0] if x.dim() else 1
-        ctx.n_params = len(params)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        use = Use(ctx.unit, ctx.saved_tensors, g, ctx.batch, ctx.extra)
-        gx = ctx.unit.rule.input_grad(ctx.unit.module, use, ctx.needs_input_grad[4])
+        plan = ctx.plan
+        use = Use(plan, ctx.saved_tensors, g, ctx.batch, ctx.extra)
+        gx = plan.unit.rule.input_grad(plan.unit.module, use, ctx.x_grad)
         ctx.hub.on_use(ctx.state, use)
-        return (None, None, None, None, gx, *([None] * ctx.n_params))
+        return (None, None, None, gx, *plan.no_grads)
 
 
 class Tap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hub, unit, state, extra, n_out, n_saved, *tensors):
+    def forward(ctx, hub, plan, state, extra, n_out, n_saved, *tensors):
         ctx.set_materialize_grads(False)
         outs = tensors[:n_out]
         ctx.save_for_backward(*tensors[n_out : n_out + n_saved])
-        ctx.hub, ctx.unit, ctx.state, ctx.extra = hub, unit, state, extra
+        ctx.hub, ctx.plan, ctx.state, ctx.extra = hub, plan, state, extra
         ctx.n_rest = len(tensors) - n_out
         return tuple(o.clone() for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        use = Use(ctx.unit, ctx.saved_tensors, grads, ctx.extra["batch"], ctx.extra)
+        use = Use(ctx.plan, ctx.saved_tensors, grads, ctx.extra["batch"], ctx.extra)
         ctx.hub.on_use(ctx.state, use)
         return (None,) * 6 + tuple(grads) + (None,) * ctx.n_rest

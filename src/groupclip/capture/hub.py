@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from groupclip.capture.context import ChildOutputs, StepState, Use
+from groupclip.capture.context import CallPlan, ChildOutputs, StepState, Use
 from groupclip.capture.functions import LayerFn, Tap
 from groupclip.capture.units import Unit, batchify
 from groupclip.rules import EngineError
@@ -81,7 +81,9 @@ class CaptureHub:
         self._handles: list[Any] = []
         self._pending: list[StepState] = []
         self._callback_queued = False
-        self._group_memo: dict[tuple, set[int]] = {}
+        # (unit, trainable names) -> its CallPlan; the units, their parameters and the groups are fixed for the
+        # hub's life, and which parameters are trainable is part of the key
+        self._plans: dict[tuple[Unit, tuple[str, ...]], CallPlan] = {}
         self._warned_two_forwards = False
         self._root_open = False  # a forward of the model started and has not returned (yet, or ever: it raised)
         # a backward pass failed after clipping some groups into p.grad: until p.grad is cleared, a step would
@@ -205,9 +207,10 @@ class CaptureHub:
         return None
 
     def _current(self) -> StepState:
-        if self.state is None or self.state.backward_started:
-            self.state = StepState()
-        return self.state
+        st = self.state
+        if st is None or st.backward_started:
+            st = self.state = StepState()
+        return st
 
     @staticmethod
     def _recompute_state(current: StepState | None) -> StepState:
@@ -220,20 +223,27 @@ class CaptureHub:
         st.recompute = True
         return st
 
-    def _groups(self, unit: Unit, names: tuple[str, ...]) -> set[int]:
-        key = (id(unit), names)
-        found = self._group_memo.get(key)
-        if found is not None:
-            return found
+    def _plan(self, unit: Unit) -> CallPlan | None:
+        """The plan of a call of `unit` with its parameters' current requires_grad; None if none is trainable."""
+        names = tuple([n for n, p in unit.params.items() if p.requires_grad])
+        if not names:
+            return None
+        plan = self._plans.get((unit, names))
+        if plan is None:
+            plan = self._plans[(unit, names)] = self._make_plan(unit, names)
+        return plan
+
+    def _make_plan(self, unit: Unit, names: tuple[str, ...]) -> CallPlan:
+        params = tuple(unit.params[n] for n in names)
         try:
-            found = self._group_memo[key] = {self.group_of[id(unit.params[n])] for n in names}
-            return found
+            groups = {self.group_of[id(p)] for p in params}
         except KeyError:
             bad = [unit.global_names[n] for n in names if id(unit.params[n]) not in self.group_of]
             raise EngineError(
                 f"parameter(s) {bad} are trainable but were frozen when the engine was created, so they "
                 "belong to no clipping group. Set requires_grad before creating the PrivacyEngine."
             ) from None
+        return CallPlan(unit, names, params, tuple(id(p) for p in params), tuple(groups), (None,) * len(params))
 
     # ---------------------------------------------------------------- forwards
     def _make_forward(self, unit: Unit):
@@ -247,33 +257,32 @@ class CaptureHub:
                     if recorded is not None:
                         return recorded
                 return orig(*args, **kwargs)
-            names = tuple(n for n, p in unit.params.items() if p.requires_grad)
-            if not names:
+            plan = hub._plan(unit)
+            if plan is None:
                 return orig(*args, **kwargs)
             if torch._C._current_graph_task_id() != -1:  # a re-computation inside backward (checkpointing)
                 st = hub._recompute_state(hub.state)
             else:
                 st = hub._current()
-            groups = hub._groups(unit, names)
             if unit.rule.in_function and len(args) == 1 and not kwargs:
                 x = batchify(args[0], st.batch_size, unit)
-                params = [unit.params[n] for n in names]
-                st.count_forward(groups, params)
-                out = LayerFn.apply(hub, unit, names, st, x, *params)
+                st.count_forward(plan)
+                out = LayerFn.apply(hub, plan, st, x, *plan.params)
                 if hub._recorders:
                     hub._recorders[-1].offer(unit, args[0], out)
                 return out
-            return hub._generic_forward(unit, orig, names, st, groups, args, kwargs)
+            return hub._generic_forward(orig, plan, st, args, kwargs)
 
         return forward
 
-    def _generic_forward(self, unit, orig, names, st, groups, args, kwargs):
+    def _generic_forward(self, orig, plan: CallPlan, st: StepState, args, kwargs):
+        unit, names = plan.unit, plan.names
         leaves, spec = tree_flatten((args, kwargs))
         rec = ChildOutputs(unit, leaves) if ChildOutputs.wanted(st) else None
         if rec is not None:
             self._recorders.append(rec)
         try:
-            with _swapped(unit.module, {n: unit.params[n].detach() for n in names}):
+            with _swapped(unit.module, {n: p.detach() for n, p in zip(names, plan.params, strict=True)}):
                 out = orig(*args, **kwargs)
         finally:
             if rec is not None:
@@ -289,15 +298,15 @@ class CaptureHub:
             return out
         batch = st.batch_size if st.batch_size is not None else _batch_size(args, kwargs)
         dev = out_leaves[out_slots[0]].device.type
-        extra = {"names": names, "leaves": kept, "tensor_slots": slots, "spec": spec,
+        extra = {"leaves": kept, "tensor_slots": slots, "spec": spec,
                  "out_slots": out_slots, "batch": batch if batch is not None else 1,
                  "autocast": (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None}
         if rec is not None and rec.records:
             extra["replay"] = rec.records
-        st.count_forward(groups, [unit.params[n] for n in names])
+        st.count_forward(plan)
         tapped = Tap.apply(
-            self, unit, st, extra, len(out_slots), len(saved),
-            *[out_leaves[i] for i in out_slots], *saved, *[unit.params[n] for n in names],
+            self, plan, st, extra, len(out_slots), len(saved),
+            *[out_leaves[i] for i in out_slots], *saved, *plan.params,
         )
         for i, t in zip(out_slots, tapped, strict=True):
             out_leaves[i] = t
@@ -323,13 +332,14 @@ class CaptureHub:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if st not in self._pending:
             self._pending.append(st)
-        if not use.unit.rule.in_function:
-            use.unit.rule.per_sample_all(use, self.bypass)
-        groups = self._groups(use.unit, use.names)
-        complete = st.add(use, groups)
-        if self.on_wait is not None and len(complete) < len(groups):
+        rule = use.unit.rule
+        if not rule.in_function:
+            rule.per_sample_all(use, self.bypass)
+        complete = st.add(use)
+        if self.on_wait is not None and len(complete) < len(use.plan.groups):
             # this use must wait: reduce it now to its norms, so only (input, output grad) stay alive
-            single = tuple(n for n in use.names if st.param_uses[id(use.unit.params[n])] == 1)
+            calls = st.param_uses
+            single = tuple([n for n, i in zip(use.names, use.plan.param_ids, strict=True) if calls[i] == 1])
             self.on_wait(use, single)
         for g in complete:
             self._finish(st, g)

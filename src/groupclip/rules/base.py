@@ -86,6 +86,11 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=acc_dtype(t)).square()
 
 
+def flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) per-sample values as (B, m) rows: t itself where it is 2-D already (no view to make)."""
+    return t if t.dim() == 2 else t.flatten(1)
+
+
 def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Σ_i coef_i ps_i for per-sample tensors ps (B, *p.shape), in p's dtype.
 
@@ -93,7 +98,7 @@ def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Ten
     whole gradient by the same error (up to 2^-9 of its clipped norm in bfloat16). On the GPU one kernel forms
     every product and the sum in float32; elsewhere the coefficient is split into a 16-bit head and tail, one
     product of two rows, accumulated in float32."""
-    flat = ps.flatten(1)
+    flat = flat_rows(ps)
     fused = kernels.coef_sum(coef, flat)
     if fused is not None:
         return param_dtype_like(fused, p).view(p.shape)
@@ -101,7 +106,9 @@ def coef_sum(coef: torch.Tensor, ps: torch.Tensor, p: torch.Tensor) -> torch.Ten
         head = coef.to(flat.dtype)
         tail = (coef.float() - head.float()).to(flat.dtype)
         return param_dtype_like(_mm_f32(torch.stack((head, tail)), flat).sum(0), p).view(p.shape)
-    return mm_into(coef.to(flat.dtype)[None], flat, p).view(p.shape)
+    # (B,) @ (B, N) is the product (1, B) @ (B, N) (matmul makes it one mm), without its two Python-side views
+    out = param_dtype_like((coef if coef.dtype == flat.dtype else coef.to(flat.dtype)) @ flat, p)
+    return out if p.dim() == 1 else out.view_as(p)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,7 +172,10 @@ def param_dtype_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def acc_dtype(*ts: torch.Tensor) -> torch.dtype:
     """Accumulation dtype for norms: float64 stays float64, everything else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    for t in ts:
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,18 +212,38 @@ class _TensorMemo:
         return (t.data_ptr(), t.shape, t.stride(), t.dtype, t._version, tag)
 
     def get(self, t: torch.Tensor, tag: object):
+        return self._find(self.key(t, tag))
+
+    def put(self, t: torch.Tensor, tag: object, value) -> None:
+        self._insert(self.key(t, tag), t, value)
+
+    def get_or_make(self, t: torch.Tensor, tag: object, make, *args):
+        """The value kept for (t, tag), or `make(*args)` kept for it now (one key computation for both)."""
         k = self.key(t, tag)
-        for i, item in enumerate(self.items):
+        value = self._find(k)
+        if value is None:
+            value = make(*args)
+            self._insert(k, t, value)
+        return value
+
+    def _find(self, k: tuple):
+        items = self.items
+        for i, item in enumerate(items):
             if item[0] == k:
-                self.items.insert(0, self.items.pop(i))
+                if i:
+                    items.insert(0, items.pop(i))
                 return item[2]
         return None
 
-    def put(self, t: torch.Tensor, tag: object, value) -> None:
+    def _insert(self, k: tuple, t: torch.Tensor, value) -> None:
         # keep t's storage (so its address is not reused while the key lives) but not its autograd history:
-        # an input held with its graph would keep a failed step's activations alive
-        self.items.insert(0, (self.key(t, tag), t.detach(), value))
-        del self.items[self.size :]
+        # an input held with its graph would keep a failed step's activations alive (a tensor that requires no
+        # gradient and is no view has no history to drop)
+        kept = t.detach() if t.requires_grad or t._is_view() else t
+        items = self.items
+        items.insert(0, (k, kept, value))
+        if len(items) > self.size:
+            del items[self.size :]
 
     def clear(self) -> None:
         self.items.clear()
@@ -289,7 +319,7 @@ def _gram(x: torch.Tensor, y: torch.Tensor, pad: bool | None = None) -> torch.Te
     """Per-sample x yᵀ, (B,T,S). On a GPU, sizes that are not multiples of 8 (T=197 tokens, a 50257-word
     vocabulary) give misaligned operands and slow kernels: zero-pad them (zeros add nothing to the Gram)."""
     if not (x.is_cuda if pad is None else pad):
-        return bmm_acc(x, y.transpose(1, 2))
+        return bmm_acc(x, y.mT)
     s = y.shape[1]
     if x.shape[2] % 8 and x.numel() * x.element_size() > CHUNK_BYTES:
         return _chunked_gram(x, y)
@@ -319,11 +349,7 @@ def _chunked_gram(x: torch.Tensor, y: torch.Tensor, width: int = 4096) -> torch.
 
 def self_gram(x: torch.Tensor) -> torch.Tensor:
     """x xᵀ per sample, shared between layers that read the same input tensor."""
-    g = GRAMS.get(x, "gram")
-    if g is None:
-        g = _gram(x, x)
-        GRAMS.put(x, "gram", g)
-    return g
+    return GRAMS.get_or_make(x, "gram", _gram, x, x)
 
 
 def ghost_inner(u: Factors, v: Factors) -> torch.Tensor:

@@ -29,6 +29,8 @@ READERS = _TensorMemo(size=1)  # input -> its kernels.SharedInput (the layers th
 
 
 def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.dim() == 3 and t.shape[0] == batch:  # already (B, T, d): no view to make
+        return t
     return t.reshape(batch, math.prod(t.shape[1:-1]), t.shape[-1])
 
 
@@ -45,16 +47,13 @@ class LinearRule(WeightBiasRule):
 
     def forward(self, module, x, names, x_grad):
         w, b = self._weight(module), module.bias
-        if torch.is_autocast_enabled(x.device.type):
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
             # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
             # the same input (q, k, v) share one copy, which also lets them share its Gram matrix
-            dt = torch.get_autocast_dtype(x.device.type)
+            dt = torch.get_autocast_dtype(dev)
             if x.is_floating_point() and x.dtype != dt:
-                cast = CASTS.get(x, dt)
-                if cast is None:
-                    cast = x.to(dt)
-                    CASTS.put(x, dt, cast)
-                x = cast
+                x = CASTS.get_or_make(x, dt, x.to, dt)
             # cast the weight once here and keep that copy for the input gradient (autocast would cast it too)
             w, b = w.to(dt), (None if b is None else b.to(dt))
         out = F.linear(x, w, b)
@@ -63,10 +62,7 @@ class LinearRule(WeightBiasRule):
         if keep_x is not None:
             # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward, and
             # under one coefficient (all-layer clipping) its scaled copy for the clipped sums
-            shared = READERS.get(x, "readers")
-            if shared is None:
-                shared = kernels.SharedInput()
-                READERS.put(x, "readers", shared)
+            shared = READERS.get_or_make(x, "readers", kernels.SharedInput)
             shared.readers += 1
             extra["input"] = shared
         return out, (keep_x, w), extra
@@ -106,14 +102,15 @@ class LinearRule(WeightBiasRule):
     def _weight_ghost_part(self, use):
         f = self.factors(use, "weight")
         b, t, r = f.rows.shape
-        if not prefer_ghost(t, r, f.cols.shape[2], b, f.cols.element_size()):
+        c, elem = f.cols.shape[2], f.cols.element_size()
+        if not prefer_ghost(t, r, c, b, elem):
             return None
-        if prefer_chunks(t, r, f.cols.shape[2], b, f.cols.element_size()):
+        if prefer_chunks(t, r, c, b, elem):
             return chunked_norms(f.rows, f.cols)[:, None], True
         if kernels.use_ghost_kernel(f.rows, f.cols):  # one fused launch, no Gram matrices in memory
             x, g = self._input_and_grad(f)
             return kernels.ghost_partials(x, g, use.extra.get("input")), True
-        return ghost_inner(f, f)[:, None], True
+        return ghost_inner(f, f).unsqueeze(1), True
 
     def _input_and_grad(self, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input and its output gradient (B, T, ·) from its weight factors, in one dtype."""

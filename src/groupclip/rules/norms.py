@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupclip import kernels
-from groupclip.rules.base import EngineError, Rule, acc_dtype, coef_sum
+from groupclip.rules.base import EngineError, Rule, acc_dtype, coef_sum, flat_rows
+
+
+def _reshaped(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """t.reshape(shape), or t itself where it has that shape already (no view to make)."""
+    return t if t.shape == shape else t.reshape(shape)
+
+
+def _viewed(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """t.view(shape), or t itself where it has that shape already."""
+    return t if t.shape == shape else t.view(shape)
 
 
 class _NormRule(Rule):
@@ -82,7 +92,7 @@ class _NormRule(Rule):
         return use.cache[key]
 
     def norm_parts(self, use, names):
-        return [(self._ps(use, n).flatten(1), False) for n in names]
+        return [(flat_rows(self._ps(use, n)), False) for n in names]
 
     def per_sample(self, use, name):
         return self._ps(use, name)
@@ -118,40 +128,39 @@ class LayerNormRule(_NormRule):
         x, w, b, mean, rstd = use.saved
         fused = None
         if kernels.active(x, use.grad_out):
-            bsz, t, d = self._btd(use)
-            fused = kernels.layer_norm_backward(x.reshape(bsz, t, d), mean.reshape(bsz, t, 1),
-                                                rstd.reshape(bsz, t, 1), use.grad_out.reshape(bsz, t, d),
-                                                None if w is None else w.reshape(-1))
+            bsz = x.shape[0]
+            fused = kernels.layer_norm_backward(*self._btd_operands(use), None if w is None else w.reshape(-1))
         if fused is not None:  # the per-sample gradients came from the same pass
             dx, gw, gb = fused
             for n, v in (("weight", gw), ("bias", gb)):
                 if n in use.names:
-                    use.cache["ps_" + n] = v.view(bsz, *module.normalized_shape)
-            return dx.view(x.shape)
+                    use.cache["ps_" + n] = _viewed(v, (bsz, *module.normalized_shape))
+            return _viewed(dx, x.shape)
         g = use.grad_out if use.grad_out.dtype == x.dtype else use.grad_out.to(x.dtype)
         return torch.ops.aten.native_layer_norm_backward(
             g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
 
     @staticmethod
-    def _btd(use) -> tuple[int, int, int]:
-        x, m = use.saved[0], use.unit.module
-        d = math.prod(m.normalized_shape)
-        return x.shape[0], math.prod(x.shape[1 : x.dim() - len(m.normalized_shape)]), d
+    def _btd_operands(use) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, mean, rstd and the output gradient as (B, T, D), (B, T, 1), (B, T, 1), (B, T, D)."""
+        x, _, _, mean, rstd = use.saved
+        shape = use.unit.module.normalized_shape
+        bsz, t, d = x.shape[0], math.prod(x.shape[1 : x.dim() - len(shape)]), math.prod(shape)
+        return (_reshaped(x, (bsz, t, d)), _reshaped(mean, (bsz, t, 1)), _reshaped(rstd, (bsz, t, 1)),
+                _reshaped(use.grad_out, (bsz, t, d)))
 
     def _ps(self, use, name):
         """Both per-sample gradients in one pass over (x, g): Σ_t g ⊙ x̂ and Σ_t g."""
         key = "ps_" + name
         if key not in use.cache:
-            x, _, _, mean, rstd = use.saved
-            m = use.unit.module
-            bsz, t, d = self._btd(use)
-            x3, g3 = x.reshape(bsz, t, d), use.grad_out.reshape(bsz, t, d)
+            x3, mean3, rstd3, g3 = self._btd_operands(use)
             names = use.names
-            gw, gb = kernels.layer_norm_ps(x3, mean.reshape(bsz, t, 1), rstd.reshape(bsz, t, 1), g3,
+            gw, gb = kernels.layer_norm_ps(x3, mean3, rstd3, g3,
                                            "weight" in names or name == "weight", "bias" in names or name == "bias")
+            shape = (x3.shape[0], *use.unit.module.normalized_shape)
             for n, v in (("weight", gw), ("bias", gb)):
                 if v is not None:
-                    use.cache["ps_" + n] = v.view(bsz, *m.normalized_shape)
+                    use.cache["ps_" + n] = _viewed(v, shape)
         return use.cache[key]
 
     def full(self, m, x):
