@@ -112,9 +112,8 @@ class Clipper:
         self.loss_reduction, self.gamma, self.psac_r = loss_reduction, gamma, psac_r
         self._members = [{id(p) for p in ps} for ps in groups.params]
         self._group_of = groups.index()
-        # per call plan (fixed for the engine's life, like the groups): (group, plan) -> its names in that group;
-        # (plan, names) -> those names split by group, as (group, names, set of names)
-        self._plans: dict[tuple, tuple[str, ...]] = {}
+        # per call plan (fixed for the engine's life, like the groups) and names: those names split by group, as
+        # (group, names, set of names)
         self._splits: dict[tuple, tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]] = {}
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
@@ -187,12 +186,7 @@ class Clipper:
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
-        key = (k, u.plan)
-        names = self._plans.get(key)
-        if names is None:
-            members = self._members[k]
-            names = self._plans[key] = tuple(n for n, i in zip(u.names, u.plan.param_ids, strict=True)
-                                             if i in members)
+        names = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
         if not names:
             return
         rule = u.unit.rule
