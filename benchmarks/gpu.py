@@ -5,6 +5,8 @@ their errors are recorded where they fail). Workloads: GPT-2 small LM (HF GPT2LM
 embeddings, default position ids) at T=256/B=64 and T=1024/B=16; ViT-base/16 at 224² (HF ViTForImageClassification
 from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every configuration is timed twice,
 the two rounds interleaved; median of --steps timed steps after --warmup, synchronised timers, random data.
+Then the same number of steps again back to back (no sync between steps, as a training loop runs them; per-step
+times from CUDA events at each step's start, idle GPU time included): `samples_per_s_b2b`.
 
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
 model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they
@@ -237,6 +239,21 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         med = statistics.median(times)
         row.update(step_s=med, samples_per_s=s.batch / med, peak_mem_gib=peak_gib(),
                    step_s_all=times)
+        # the same steps back to back, as a training loop runs them: no host sync between steps, so the host
+        # may prepare step i+1 while the GPU runs step i. Per-step times from CUDA events recorded on the
+        # stream at each step's start (GPU timeline, idle gaps included); one sync at the end
+        if DEV == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            sync()
+            for i in range(steps):
+                x, y = batches[i % 2]
+                events[i].record()
+                s.step(x, y)
+            events[steps].record()
+            sync()
+            b2b = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+            med = statistics.median(b2b)
+            row.update(step_s_b2b=med, samples_per_s_b2b=s.batch / med, step_s_b2b_all=b2b)
     except Exception as e:  # record failures as findings
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         traceback.print_exc(limit=4)
@@ -960,7 +977,7 @@ def main():
                         r = time_config(w, m, prec, args.steps, args.warmup)
                         r["round"] = rnd
                         rows.append(r)
-                        log(json.dumps({k: v for k, v in r.items() if k != "step_s_all"}))
+                        log(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
                         result["time"] = rows
                         save()
     if "profile" in phases:
@@ -1007,7 +1024,7 @@ def summary(result) -> str:
         if r["mode"] == "nonprivate" and "error" not in r:
             base.setdefault((r["workload"], r["precision"], r["round"]), r)
     lines.append(f"{'workload':10s} {'prec':5s} {'mode':22s} {'rnd':3s} {'samples/s':>10s} {'x speed':>8s} "
-                 f"{'peak GiB':>9s} {'x mem':>6s}")
+                 f"{'peak GiB':>9s} {'x mem':>6s} {'b2b x speed':>11s}")
     for r in rows:
         if "error" in r:
             lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
@@ -1016,8 +1033,10 @@ def summary(result) -> str:
         b = base.get((r["workload"], r["precision"], r["round"]))
         sp = r["samples_per_s"] / b["samples_per_s"] if b else float("nan")
         mem = r["peak_mem_gib"] / b["peak_mem_gib"] if b else float("nan")
+        b2b = (r["samples_per_s_b2b"] / b["samples_per_s_b2b"] if b and "samples_per_s_b2b" in b
+               and "samples_per_s_b2b" in r else float("nan"))
         lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
-                     f"{r['samples_per_s']:10.1f} {sp:8.3f} {r['peak_mem_gib']:9.2f} {mem:6.3f}")
+                     f"{r['samples_per_s']:10.1f} {sp:8.3f} {r['peak_mem_gib']:9.2f} {mem:6.3f} {b2b:11.3f}")
     for r in result.get("maxbatch", []):
         found = r.get("max_batch", r.get("error", ""))
         if "stopped" in r:

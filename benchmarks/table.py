@@ -5,7 +5,8 @@
 Largest batch: "≥" = the search's cap fitted; in parentheses the ratio to eager non-private's largest batch and,
 for a graphed mode, also to nonprivate-graph's ("× graph"); "search stopped" = an error other than running out
 of memory ended that search (the batch is the largest that fitted before it). Files from before the graphed
-modes were searched show "–" there.
+modes were searched show "–" there. "Back to back": the steps timed without a sync between them (files from before
+that measurement show "–").
 """
 
 from __future__ import annotations
@@ -31,27 +32,31 @@ def table(result: dict) -> str:
             continue
         b = base[(r["workload"], r["precision"], r["round"])]
         gb = gbase.get((r["workload"], r["precision"], r["round"])) if r["mode"].endswith("-graph") else None
+        b2b = (r["samples_per_s_b2b"] / b["samples_per_s_b2b"]
+               if "samples_per_s_b2b" in r and "samples_per_s_b2b" in b else None)
         cells[key].append((r["samples_per_s"], r["samples_per_s"] / b["samples_per_s"],
                            r["peak_mem_gib"], r["peak_mem_gib"] / b["peak_mem_gib"],
-                           r["samples_per_s"] / gb["samples_per_s"] if gb else None))
+                           r["samples_per_s"] / gb["samples_per_s"] if gb else None, b2b))
     out = ["| workload | precision | mode | samples/s (round 1 / 2) | × non-private speed | × non-private graph "
-           "| peak GiB | × memory | largest batch (× non-private) |", "|---|---|---|---|---|---|---|---|---|"]
+           "| × non-private, back to back | peak GiB | × memory | largest batch (× non-private) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     # rows: every timed configuration, and every searched one (a run of the maxbatch phase alone)
     keys = sorted(set(cells) | set(errors) | set(maxb), key=lambda k: (k[0], k[1], _order(k[2])))
     for key in keys:
         w, p, m = key
         big = _largest(maxb, key)
         if key not in cells and key not in errors:
-            out.append(f"| {w} | {p} | {m} | | | | | | {big} |")
+            out.append(f"| {w} | {p} | {m} | | | | | | | {big} |")
             continue
         if key in errors:
-            out.append(f"| {w} | {p} | {m} | error: {errors[key][:60]} | | | | | |")
+            out.append(f"| {w} | {p} | {m} | error: {errors[key][:60]} | | | | | | |")
             continue
         c = cells[key]
         sp = " / ".join(f"{x[0]:.0f}" for x in c)
         ratio = " / ".join(f"{x[1]:.2f}" for x in c)
         gratio = " / ".join(f"{x[4]:.2f}" for x in c) if all(x[4] is not None for x in c) else "–"
-        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
+        b2b = " / ".join(f"{x[5]:.2f}" for x in c) if all(x[5] is not None for x in c) else "–"
+        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {b2b} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
     return "\n".join(out)
 
 
