@@ -1,0 +1,48 @@
+"""The GPU benchmark end to end on the CPU with tiny models (`gpu.py --device cpu --tiny`), so the script the README's
+results come from keeps running between GPU sessions: its oracle check passes, every timed row has what the
+README table is generated from, and `table.py` renders one row per configuration with every column filled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("nonprivate", "groupclip-layer-wise", "groupclip-all-layer")
+
+
+def test_gpu_benchmark_tiny_run_and_table(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu", "--tiny",
+         "--phases", "check,time", "--workloads", "vit", "--precisions", "fp32", "--modes", ",".join(MODES),
+         "--rounds", "2", "--steps", "2", "--warmup", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    # the oracle check: both models, both group styles, eager and through the graph wrapper
+    check = result["check"]
+    assert {(c["model"], c["groups"], c["via"]) for c in check} == {
+        (m, g, v) for m in ("gpt2", "vit") for g in ("all-layer", "layer-wise") for v in ("eager", "graph")}
+    assert all(c["ok"] and c["rel_err"] <= 1e-3 for c in check), check
+
+    rows = result["time"]
+    assert sorted((r["mode"], r["round"]) for r in rows) == sorted((m, k) for m in MODES for k in (0, 1))
+    for r in rows:
+        assert "error" not in r, r
+        assert len(r["step_s_all"]) == 2 and r["step_s"] > 0
+        assert r["samples_per_s"] == r["batch"] / r["step_s"]
+    assert result["command"].startswith("python benchmarks/gpu.py") and result["settings"]["rounds"] == 2
+
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table.py"), str(out)], env=env,
+                           capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    header, body = table[0], [line for line in table if line.startswith("| vit |")]
+    assert [line.split(" | ")[2] for line in body] == list(MODES)
+    for line in body:
+        assert line.count("|") == header.count("|")
+        assert " / " in line.split(" | ")[3]  # both rounds' samples/s
