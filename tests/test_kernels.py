@@ -34,7 +34,8 @@ def calls(monkeypatch):
     monkeypatch.setattr(K, "_MODE", "force")
     assert K._ops is not None, "groupclip.kernels did not import its Triton kernels"
     count: collections.Counter = collections.Counter()
-    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef", "scale_rows", "coef_sum"):
+    for name in ("ghost_partials", "layer_norm_ps", "layer_norm_backward", "clip_coef", "scale_rows", "scale_rows_t",
+                 "coef_sum"):
         fn = getattr(K._ops, name)
 
         def counted(*args, _fn=fn, _name=name, **kw):
@@ -497,6 +498,42 @@ def test_scale_rows_strides_and_empty(calls):
 
 
 @pytest.mark.parametrize("dtype", FP16, ids=str)
+@pytest.mark.parametrize("shape", [(5, 1, 3), (3, 70, 65), (2, 129, 130), (4, 3, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_scale_rows_feature_major(calls, shape, dtype):
+    """k_major: the same single-rounding product, written as a (B, T, W) view of a contiguous (W, B·T) array (the
+    summed dimension of the weight-gradient product contiguous), by the kernel and by the PyTorch path."""
+    b, t, w = shape
+    x = torch.randn(b, t, w, device=DEV).to(dtype)
+    coef = awkward_coef(b).to(DEV)
+    coef[-1] = 0.0
+    out = K.scale_rows(x, coef, k_major=True)
+    assert calls["scale_rows_t"] == 1 and calls["scale_rows"] == 0
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out.flatten(0, 1).t().is_contiguous()  # a view of a contiguous (W, B·T) array
+    assert torch.equal(out, scale_f32(x, coef))
+    assert not out[-1].any()
+    assert torch.equal(_torch_path(K.scale_rows, x, coef, k_major=True), out)
+    # any strides in: a transposed and a sliced input
+    xt = torch.randn(b, w, t, device=DEV).to(dtype).transpose(1, 2)
+    assert torch.equal(K.scale_rows(xt, coef, k_major=True), scale_f32(xt, coef))
+    xs = torch.randn(b, t, w + 7, device=DEV).to(dtype)[:, :, 3 : 3 + w]
+    assert torch.equal(K.scale_rows(xs, coef, k_major=True), scale_f32(xs, coef))
+    assert K.scale_rows(x[:0], coef[:0], k_major=True).shape == (0, t, w)
+
+
+def test_k_major_scaling_choice(monkeypatch):
+    """Feature-major scaled copies for float32 only (TF32 products gain; 16-bit ones do not), on the GPU or in
+    force mode."""
+    x32, x16 = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.float16)
+    monkeypatch.setattr(K, "_MODE", "force")
+    assert K.k_major_scaling(x32) and not K.k_major_scaling(x16) and not K.k_major_scaling(x32.double())
+    assert not K.k_major_scaling(x32[0])  # not (B, T, W)
+    monkeypatch.setattr(K, "_MODE", "auto")
+    assert not K.k_major_scaling(x32)  # a CPU tensor outside force mode
+
+
+@pytest.mark.parametrize("dtype", FP16, ids=str)
 @pytest.mark.parametrize("shape", [(1, 5), (7, 3001), (33, 1024), (4, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_coef_sum_kernel(calls, shape, dtype):
     """Σ_i coef_i ps_i of per-sample gradients: products and sum in float32, coefficients not rounded to 16 bits."""
@@ -717,8 +754,9 @@ def test_engine_q_k_v_share_their_input_gram(calls, monkeypatch, groups, clippin
                          dtype=torch.float32)
     # o reads its own input; of q, k and v the first in backward keeps the tiles, the other two read them
     assert sorted(modes) == ["keep", "own", "read", "read"], modes
-    # the clipped sums scale the shared input once where q, k and v share a coefficient (one group for all)
-    assert calls["scale_rows"] == (2 if groups == "all-layer" else 4), calls
+    # the clipped sums scale the shared input once where q, k and v share a coefficient (one group for all); in
+    # float32 the scaled copies are written feature-major for the weight-gradient products
+    assert calls["scale_rows_t"] == (2 if groups == "all-layer" else 4) and calls["scale_rows"] == 0, calls
 
 
 # ------------------------------------------------------------------------------------------------ fallback

@@ -60,7 +60,7 @@ def test_coef_sum_does_not_round_the_coefficient_of_16_bit_per_sample_gradients(
 def test_scaled_input_is_shared_only_within_one_coefficient_scope(monkeypatch):
     made = []
     real = base.kernels.scale_rows
-    monkeypatch.setattr(base.kernels, "scale_rows", lambda x, c: made.append(1) or real(x, c))
+    monkeypatch.setattr(base.kernels, "scale_rows", lambda x, c, *a: made.append(1) or real(x, c, *a))
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     coef = torch.rand(4, dtype=torch.float64)
     want = x * coef[:, None, None]
@@ -81,6 +81,11 @@ def test_scaled_input_is_shared_only_within_one_coefficient_scope(monkeypatch):
         assert len(made) == 5
         base.scaled_input(x, other, shared=False)  # a layer whose input nobody else reads: never memoised
         assert len(made) == 6
+        # the feature-major layout is another copy (same values), itself made once
+        km = base.scaled_input(x, other, shared=True, k_major=True)
+        assert len(made) == 7 and km.flatten(0, 1).t().is_contiguous()
+        torch.testing.assert_close(km, x * other[:, None, None], rtol=0, atol=0)
+        assert base.scaled_input(x, other, shared=True, k_major=True) is km and len(made) == 7
     assert not base.SCALED.items  # the scope's end drops the copy
 
 

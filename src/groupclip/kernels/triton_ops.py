@@ -11,7 +11,7 @@ Each replaces a chain of small PyTorch operations by one launch:
 * `clip_coef`: per-sample squared norms from up to four sources (raw per-sample values or partial sums),
   and the clip coefficient φ(‖g_i‖)·scale/B of one group.
 * `scale_rows`: every sample's factor times its clip coefficient (before the clipped sum's product), with
-  vector loads and the product in float32.
+  vector loads and the product in float32; `scale_rows_t` the same written feature-major.
 * `coef_sum`: Σ_i coef_i ps_i of instantiated per-sample gradients, in float32, one pass.
 """
 
@@ -442,6 +442,35 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, block: int = 2048, num_warps
     _scale_rows_kernel[(bsz * chunks,)](x, coef.contiguous(), out, n, x.stride(0), chunks, BLOCK=block,
                                         num_warps=num_warps)
     return out
+
+
+@triton.jit
+def _scale_rows_t_kernel(x_ptr, coef_ptr, out_ptr, K, W, T, sx_b, sx_t, sx_w, BK: tl.constexpr, BW: tl.constexpr):
+    """out[w, k] = coef[k // T] · x[k // T, k % T, w]: rows k = b·T + t of a (B, T, W) x, scaled and written
+    feature-major (a (W, B·T) array); the product in float32."""
+    k = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
+    w = tl.program_id(1).to(tl.int64) * BW + tl.arange(0, BW)
+    mk = k < K
+    m = mk[:, None] & (w < W)[None, :]
+    b = k // T
+    x = tl.load(x_ptr + (b * sx_b + (k % T) * sx_t)[:, None] + w[None, :] * sx_w, mask=m, other=0.0)
+    c = tl.load(coef_ptr + b, mask=mk, other=0.0).to(tl.float32)
+    y = (x.to(tl.float32) * c[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + w[None, :] * K + k[:, None], y, mask=m)
+
+
+def scale_rows_t(x: torch.Tensor, coef: torch.Tensor, bk: int = 64, bw: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """coef_b · x[b] for x (B, T, W) (any strides), written feature-major: a (B, T, W) view of a contiguous
+    (W, B·T) array, so that the B·T dimension, which a weight-gradient product sums over, is contiguous (cuBLAS's
+    float32/TF32 products with a K-major operand: ViT's MLP shape 0.55 → 0.39 ms on an H100)."""
+    bsz, t, w = x.shape
+    k = bsz * t
+    out = torch.empty((w, k), device=x.device, dtype=x.dtype)
+    if k and w:
+        _scale_rows_t_kernel[(triton.cdiv(k, bk), triton.cdiv(w, bw))](
+            x, coef.contiguous(), out, k, w, t, x.stride(0), x.stride(1), x.stride(2), BK=bk, BW=bw,
+            num_warps=num_warps)
+    return out.t().view(bsz, t, w)
 
 
 @triton.jit

@@ -267,16 +267,18 @@ def one_coefficient():
             SCALED.clear()
 
 
-def scaled_input(x: torch.Tensor, coef: torch.Tensor, shared: bool) -> torch.Tensor:
-    """`kernels.scale_rows(x, coef)`; for an input several layers read (`shared`), inside `one_coefficient`, made
-    once for the very same tensor and coefficient (the memo holds the coefficient: its identity stays unique)."""
+def scaled_input(x: torch.Tensor, coef: torch.Tensor, shared: bool, k_major: bool = False) -> torch.Tensor:
+    """`kernels.scale_rows(x, coef, k_major)`; for an input several layers read (`shared`), inside
+    `one_coefficient`, made once for the very same tensor, coefficient and layout (the memo holds the coefficient:
+    its identity stays unique)."""
     if not (shared and _ONE_COEF[0]):
-        return kernels.scale_rows(x, coef)
-    hit = SCALED.get(x, "scaled")
+        return kernels.scale_rows(x, coef, k_major)
+    tag = ("scaled", k_major)
+    hit = SCALED.get(x, tag)
     if hit is not None and hit[0] is coef and hit[2] == coef._version:
         return hit[1]
-    out = kernels.scale_rows(x, coef)
-    SCALED.put(x, "scaled", (coef, out, coef._version))
+    out = kernels.scale_rows(x, coef, k_major)
+    SCALED.put(x, tag, (coef, out, coef._version))
     return out
 
 
