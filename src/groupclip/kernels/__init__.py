@@ -205,9 +205,10 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, k_major: bool = False) -> to
 
 def k_major_scaling(x: torch.Tensor) -> bool:
     """Whether a weight-gradient product's scaled factor should be written feature-major (`scale_rows(...,
-    k_major=True)`): in float32 on the GPU, where cuBLAS's TF32 products summing over B·T rows run 1.1-1.45x as
-    fast with one operand contiguous along B·T (H100, K = 25216: 768×3072 0.55 → 0.39 ms, 3072×768 0.58 →
-    0.40, 768×768 0.150 → 0.118; in bfloat16 it is a wash). `force` mode takes it on the CPU too (tests)."""
+    k_major=True)`): in float32 on the GPU, where cuBLAS's TF32 products summing over B·T rows run 1.1-1.5x as
+    fast with one operand contiguous along B·T (H100, K = 25216, `benchmarks/scale_layout.py`: 768×3072 0.57 →
+    0.38 ms, 3072×768 0.57 → 0.42, 768×768 0.151 → 0.118). bfloat16 products keep the row layout (their gain
+    was not consistent between runs). `force` mode takes it on the CPU too (tests)."""
     return x.dtype == torch.float32 and x.dim() == 3 and (x.is_cuda or _MODE == "force")
 
 

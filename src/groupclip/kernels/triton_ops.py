@@ -462,9 +462,9 @@ def _scale_rows_t_kernel(x_ptr, coef_ptr, out_ptr, K, W, T, sx_b, sx_t, sx_w, BK
 def scale_rows_t(x: torch.Tensor, coef: torch.Tensor, bk: int = 64, bw: int = 64, num_warps: int = 8) -> torch.Tensor:
     """coef_b · x[b] for x (B, T, W) (any strides), written feature-major: a (B, T, W) view of a contiguous
     (W, B·T) array, so that the B·T dimension, which a weight-gradient product sums over, is contiguous (cuBLAS's
-    float32/TF32 products with a K-major operand). H100, CUDA-graph timing (results/h100-2026-11-24-scale-t.json):
-    scaling + product 0.59 → 0.45 ms at ViT's MLP shapes, 0.20 → 0.17 at its attention, 0.31 → 0.21 / 0.40 → 0.30
-    at GPT-2's; the scaling alone 5% slower than `scale_rows` (64×64 tiles, 8 warps: the best of five)."""
+    float32/TF32 products with a K-major operand). H100, CUDA-graph timing (`benchmarks/scale_layout.py`):
+    scaling + product 0.60 → 0.45 ms at ViT's MLP shapes, 0.20 → 0.17 at its attention, 0.31 → 0.21 / 0.40 → 0.30
+    at GPT-2's; the scaling alone 3-5% slower than `scale_rows` (64×64 tiles, 8 warps: the best of six)."""
     bsz, t, w = x.shape
     k = bsz * t
     out = torch.empty((w, k), device=x.device, dtype=x.dtype)
