@@ -120,7 +120,7 @@ class LinearRule(WeightBiasRule):
     def _weight_sum(self, use, coef, p):
         x, g = self._input_and_grad(self.factors(use, "weight"))
         # float32 on the GPU: the scaled copy is written feature-major, so the TF32 product below reads one operand
-        # along the summed B·T dimension (cuBLAS runs it 1.1-1.45x as fast; `kernels.k_major_scaling`)
+        # along the summed B·T dimension (cuBLAS runs it 1.1-1.5x as fast; `kernels.k_major_scaling`)
         k_major = kernels.k_major_scaling(x)
         if x.shape[2] <= g.shape[2]:  # scale the narrower factor; on a tie the input, which q, k, v share
             shared = use.extra.get("input")
