@@ -182,22 +182,17 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, k_major: bool = False) -> to
 
     `k_major` (x of shape (B, T, W)): the result is a (B, T, W) view of a contiguous (W, B·T) array instead, the
     layout in which a product summing over B·T reads it fastest (see `k_major_scaling`)."""
-    if k_major:
-        if active(x) and _ops is not None:
-            out = _run("scale_rows_t", x, coef)
-            if out is not None:
-                return out
-        bsz, t, w = x.shape
-        acc = torch.float64 if torch.float64 in (x.dtype, coef.dtype) else torch.float32
-        rows = coef.to(acc).repeat_interleave(t)[None, :]
-        out = torch.empty((w, bsz * t), device=x.device, dtype=x.dtype)
-        torch.mul(x.reshape(bsz * t, w).t(), rows, out=out)  # computed in `acc`, written in x's dtype
-        return out.t().view(bsz, t, w)
-    if active(x) and x.dim() >= 2 and _sample_contiguous(x):
-        out = _run("scale_rows", x, coef)
+    if active(x) and (k_major or (x.dim() >= 2 and _sample_contiguous(x))):
+        out = _run("scale_rows_t" if k_major else "scale_rows", x, coef)
         if out is not None:
             return out
     acc = torch.float64 if torch.float64 in (x.dtype, coef.dtype) else torch.float32
+    if k_major:
+        bsz, t, w = x.shape
+        out = torch.empty((w, bsz * t), device=x.device, dtype=x.dtype)
+        rows = coef.to(acc).repeat_interleave(t)[None, :]
+        torch.mul(x.reshape(bsz * t, w).t(), rows, out=out)  # computed in `acc`, written in x's dtype
+        return out.t().view(bsz, t, w)
     c = coef.to(acc).reshape(-1, *([1] * (x.dim() - 1)))
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     return torch.mul(x, c, out=out)  # computed in `acc`, written in x's dtype: one rounding

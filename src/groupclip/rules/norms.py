@@ -21,11 +21,6 @@ def _reshaped(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t if t.shape == shape else t.reshape(shape)
 
 
-def _viewed(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """t.view(shape), or t itself where it has that shape already."""
-    return t if t.shape == shape else t.view(shape)
-
-
 class _NormRule(Rule):
     modules: tuple[type, ...] = ()
     channel_affine = False  # affine params live on dim 1 (GroupNorm/InstanceNorm) or trailing dims
@@ -134,8 +129,8 @@ class LayerNormRule(_NormRule):
             dx, gw, gb = fused
             for n, v in (("weight", gw), ("bias", gb)):
                 if n in use.names:
-                    use.cache["ps_" + n] = _viewed(v, (bsz, *module.normalized_shape))
-            return _viewed(dx, x.shape)
+                    use.cache["ps_" + n] = _reshaped(v, (bsz, *module.normalized_shape))
+            return _reshaped(dx, x.shape)
         g = use.grad_out if use.grad_out.dtype == x.dtype else use.grad_out.to(x.dtype)
         return torch.ops.aten.native_layer_norm_backward(
             g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
@@ -160,7 +155,7 @@ class LayerNormRule(_NormRule):
             shape = (x3.shape[0], *use.unit.module.normalized_shape)
             for n, v in (("weight", gw), ("bias", gb)):
                 if v is not None:
-                    use.cache["ps_" + n] = _viewed(v, shape)
+                    use.cache["ps_" + n] = _reshaped(v, shape)
         return use.cache[key]
 
     def full(self, m, x):
