@@ -22,6 +22,7 @@ class LayerFn(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.hub, ctx.plan, ctx.state, ctx.extra, ctx.x_grad = hub, plan, state, extra, x_grad
         ctx.batch = x.shape[0] if x.dim() else 1
+        ctx.n_params = len(params)
         return out
 
     @staticmethod
@@ -30,7 +31,29 @@ class LayerFn(torch.autograd.Function):
         use = Use(plan, ctx.saved_tensors, g, ctx.batch, ctx.extra)
         gx = plan.unit.rule.input_grad(plan.unit.module, use, ctx.x_grad)
         ctx.hub.on_use(ctx.state, use)
-        return (None, None, None, gx, *plan.no_grads)
+        return (None, None, None, gx) + (None,) * ctx.n_params
+
+
+def _direct_apply(fn: type[torch.autograd.Function]):
+    """`fn.apply` without its Python layer, or None where this PyTorch has no such entry point. That layer binds
+    default arguments for Functions that define `setup_context` (ours do not) and unwraps dead functorch
+    wrappers (only alive under functorch transforms, where `apply_layer` takes the full path); it costs each
+    layer call ~2 µs of host time on a fast CPU, several times that on a slow one."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = None if raw is None else raw.__dict__.get("apply")
+    if raw is None or not hasattr(torch._C, "_are_functorch_transforms_active"):
+        return None
+    return raw.__get__(None, fn)
+
+
+_LAYER_APPLY = _direct_apply(LayerFn)
+
+
+def apply_layer(*args):
+    """LayerFn.apply(*args)."""
+    if _LAYER_APPLY is None or torch._C._are_functorch_transforms_active():
+        return LayerFn.apply(*args)
+    return _LAYER_APPLY(*args)
 
 
 class Tap(torch.autograd.Function):

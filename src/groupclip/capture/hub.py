@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from groupclip.capture.context import CallPlan, ChildOutputs, StepState, Use
-from groupclip.capture.functions import LayerFn, Tap
+from groupclip.capture.functions import Tap, apply_layer
 from groupclip.capture.units import Unit, batchify
 from groupclip.rules import EngineError
 from groupclip.rules.base import clear_step_memos
@@ -267,7 +267,10 @@ class CaptureHub:
             if unit.rule.in_function and len(args) == 1 and not kwargs:
                 x = batchify(args[0], st.batch_size, unit)
                 st.count_forward(plan)
-                out = LayerFn.apply(hub, plan, st, x, *plan.params)
+                # the parameters are inputs only where the output would otherwise not require grad (an input
+                # that needs no gradient): each parameter edge costs backward a node and a guard-hook call
+                out = apply_layer(hub, plan, st, x) if x.requires_grad else apply_layer(hub, plan, st, x,
+                                                                                          *plan.params)
                 if hub._recorders:
                     hub._recorders[-1].offer(unit, args[0], out)
                 return out
