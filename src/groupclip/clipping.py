@@ -115,6 +115,7 @@ class Clipper:
         # per call plan (fixed for the engine's life, like the groups) and names: those names split by group, as
         # (group, names, set of names)
         self._splits: dict[tuple, tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]] = {}
+        self._names_in: dict[tuple, tuple[str, ...]] = {}  # (call plan, group) -> the plan's names in that group
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
@@ -186,7 +187,10 @@ class Clipper:
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
-        names = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
+        key = (u.plan, k)
+        names = self._names_in.get(key)
+        if names is None:
+            names = self._names_in[key] = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
         if not names:
             return
         rule = u.unit.rule

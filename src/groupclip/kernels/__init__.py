@@ -47,9 +47,13 @@ def _run(name: str, *args, **kw):
 
 def active(*ts: torch.Tensor) -> bool:
     """Whether the Triton path handles these tensors."""
-    if _ops is None or any(t.dtype not in _FAST for t in ts):
+    if _ops is None:
         return False
-    return _MODE == "force" or all(t.is_cuda for t in ts)
+    force = _MODE == "force"
+    for t in ts:  # a plain loop: this runs several times per layer and step
+        if t.dtype not in _FAST or not (force or t.is_cuda):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ ghost norms
@@ -182,7 +186,7 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, k_major: bool = False) -> to
 
     `k_major` (x of shape (B, T, W)): the result is a (B, T, W) view of a contiguous (W, B·T) array instead, the
     layout in which a product summing over B·T reads it fastest (see `k_major_scaling`)."""
-    if active(x) and (k_major or (x.dim() >= 2 and _sample_contiguous(x))):
+    if active(x) and (k_major or (x.dim() >= 2 and (x.is_contiguous() or _sample_contiguous(x)))):
         out = _run("scale_rows_t" if k_major else "scale_rows", x, coef)
         if out is not None:
             return out
@@ -236,8 +240,15 @@ def clip_coef(parts: list[tuple[torch.Tensor, bool]], kind: str, c: float = 1.0,
     it is 0 is exactly 0 (padding rows of a graphed step), whatever its norm."""
     if kind == "norm2":
         mask = None
-    parts = [(t if t.dim() == 2 else t.reshape(t.shape[0], -1), sq) for t, sq in parts]
-    if all(active(t) for t, _ in parts):
+    fused = _ops is not None
+    rows = []
+    for t, sq in parts:  # one pass: (B, m) rows, and whether the kernel takes them all
+        if t.dim() != 2:
+            t = t.reshape(t.shape[0], -1)
+        fused = fused and active(t)
+        rows.append((t, sq))
+    parts = rows
+    if fused:
         # the kernel gives each sample one program: wide rows (instantiated per-sample gradients, millions of
         # entries) are reduced first by PyTorch's parallel reduction
         parts = [(_row_sums(t, sq), True) if t.shape[1] > WIDE else (t if t.stride(-1) == 1 else t.contiguous(), sq)

@@ -434,7 +434,7 @@ def scale_rows(x: torch.Tensor, coef: torch.Tensor, block: int = 2048, num_warps
     dtype, the product formed in float32. One flat stream per sample: vector loads and stores, unlike PyTorch's
     broadcasting multiply by coef[:, None, None] (its non-vectorised kernel, about half the memory speed)."""
     bsz = x.shape[0]
-    n = x[0].numel() if bsz else 0
+    n = x.numel() // bsz if bsz else 0
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if bsz == 0 or n == 0:
         return out
