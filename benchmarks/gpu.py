@@ -1,7 +1,7 @@
 """GPU speed and memory of groupclip next to non-private training and Opacus, in one run.
 
-Rows: non-private; groupclip all-layer; groupclip layer-wise; Opacus hooks and ghost (where importable;
-their errors are recorded where they fail). Workloads: GPT-2 small LM (HF GPT2LMHeadModel from config, tied
+Rows: non-private; groupclip all-layer; groupclip layer-wise (also with `tail_graphs=True`: "-tails"); Opacus hooks
+and ghost (where importable; their errors are recorded where they fail). Workloads: GPT-2 small LM (HF GPT2LMHeadModel from config, tied
 embeddings, default position ids) at T=256/B=64 and T=1024/B=16; ViT-base/16 at 224² (HF ViTForImageClassification
 from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every configuration is timed twice,
 the two rounds interleaved; median of --steps timed steps after --warmup, synchronised timers, random data.
@@ -45,10 +45,12 @@ WORKLOADS = {
     "gpt2-1024": {"kind": "gpt2", "batch": 16, "seq": 1024},
     "vit": {"kind": "vit", "batch": 128, "seq": 0},
 }
-MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "opacus-hooks", "opacus-ghost",
-         "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
-MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus")]  # the modes the largest-batch search takes
 GRAPH = "-graph"  # suffix: forward + backward replayed from a CUDA graph (groupclip.graphs.GraphedBackward)
+TAILS = "-tails"  # suffix: the eager loop with each layer's clip tail replayed from a CUDA graph (groupclip.tails)
+MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "groupclip-layer-wise-tails", "opacus-hooks",
+         "opacus-ghost", "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
+# the modes the largest-batch search takes (not yet the tail-graph mode)
+MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus") and not m.endswith(TAILS)]
 PRECISIONS = ["fp32", "bf16"]
 DEV = "cuda"
 
@@ -107,7 +109,8 @@ class Setup:
         self.mode, self.precision = mode, precision
         self.graph = mode.endswith(GRAPH)
         self.graphed = None
-        mode = mode.removesuffix(GRAPH)
+        tails = mode.endswith(TAILS)
+        mode = mode.removesuffix(GRAPH).removesuffix(TAILS)
         torch.manual_seed(0)
         self.model = build_model(self.kind, self.seq, self.small)
         self.model.train()
@@ -121,7 +124,8 @@ class Setup:
                 warnings.simplefilter("ignore")
                 self.engine = groupclip.PrivacyEngine(
                     self.model, self.opt, batch_size=self.batch, sample_size=1_000_000, noise_multiplier=1.0,
-                    max_grad_norm=1.0, clipping="automatic", groups=mode.split("-", 1)[1], seed=0)
+                    max_grad_norm=1.0, clipping="automatic", groups=mode.split("-", 1)[1], seed=0,
+                    tail_graphs=tails)
         elif mode.startswith("opacus"):
             self._opacus(mode)
 

@@ -83,8 +83,9 @@ def _largest(maxb: dict, key: tuple) -> str:
 
 
 def _order(mode: str) -> int:
-    order = ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer", "nonprivate-graph",
-             "groupclip-layer-wise-graph", "groupclip-all-layer-graph", "opacus-hooks", "opacus-ghost"]
+    order = ["nonprivate", "groupclip-layer-wise", "groupclip-layer-wise-tails", "groupclip-all-layer",
+             "nonprivate-graph", "groupclip-layer-wise-graph", "groupclip-all-layer-graph", "opacus-hooks",
+             "opacus-ghost"]
     return order.index(mode) if mode in order else 99
 
 

@@ -17,6 +17,7 @@ from groupclip.capture.context import Use
 from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
+from groupclip.tails import TailGraphs
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
 GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -103,7 +104,7 @@ class Clipper:
     """Computes per-sample group norms from a group's uses, clips, and accumulates into p.grad."""
 
     def __init__(self, groups: Groups, kind: str, batch_size: int, loss_reduction: str,
-                 gamma: float = 0.01, psac_r: float = 0.01) -> None:
+                 gamma: float = 0.01, psac_r: float = 0.01, tail_graphs: bool = False) -> None:
         if kind not in CLIPPING:
             raise ValueError(f"unknown clipping {kind!r}; choose one of {', '.join(CLIPPING)}")
         if loss_reduction not in ("mean", "sum"):
@@ -119,6 +120,8 @@ class Clipper:
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
+        # per-layer CUDA graphs of single-use tails (`groupclip.tails`, opt-in), or None
+        self.tails: TailGraphs | None = TailGraphs() if tail_graphs else None
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -193,10 +196,24 @@ class Clipper:
             names = self._names_in[key] = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
         if not names:
             return
+        tails = self.tails
+        if tails is not None and self.sample_mask is None:
+            key = tails.key(u, names, (self.kind, self.groups.thresholds[k], self.batch_size, self.loss_reduction,
+                                       self.gamma, self.psac_r))
+            if key is not None:
+                sums = tails.run((u.plan, k), key, lambda: self._tail(k, u, names), u)
+                if sums is not None:
+                    for n, s in zip(names, sums, strict=True):
+                        _add_grad(u.unit.params[n], s)
+                    return
+        for n, s in zip(names, self._tail(k, u, names), strict=True):
+            _add_grad(u.unit.params[n], s)
+
+    def _tail(self, k: int, u: Use, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """Norm, coefficient and the clipped sums of `names` (one use; each of its parameters used once)."""
         rule = u.unit.rule
         coef = self._coef(k, rule.norm_parts(u, names), u.batch_size)
-        for n in names:
-            _add_grad(u.unit.params[n], rule.clipped_sum(u, coef, n))
+        return [rule.clipped_sum(u, coef, n) for n in names]
 
     def reduce_waiting(self, use: Use, names: tuple[str, ...]) -> None:
         """Reduce a waiting use's single-use parameters to one squared norm per group now, and drop what the

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from groupclip import accounting
+from groupclip import accounting, tails
 from groupclip.capture.hub import CaptureHub
 from groupclip.capture.units import build_units, check_reachable, report_generic
 from groupclip.clipping import Clipper, build_groups
@@ -45,6 +45,9 @@ class PrivacyEngine:
         accountant: "pld" (default) or "rdp", for calibration and `epsilon()`.
         seed: seed of the noise (and, by default, of the Poisson sampler); secure_mode draws it from the OS.
         max_physical_batch_size: split each logical batch of `data_loader()` into micro-batches.
+        tail_graphs: replay each layer-wise Linear layer's clip tail (norm, coefficient, clipped sums) from a CUDA
+            graph when its tensors sit where they sat before (`groupclip.tails`): for eager loops bound by the
+            host CPU. Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (off unless set to 1).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class PrivacyEngine:
         seed: int | None = None,
         secure_mode: bool = False,
         max_physical_batch_size: int | None = None,
+        tail_graphs: bool | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -130,7 +134,8 @@ class PrivacyEngine:
         report_generic(self.units, log)
         self.groups = build_groups(model, groups, max_grad_norm, thresholds)
         self.max_grad_norm = self.groups.sensitivity
-        self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r)
+        self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r,
+                               tails.enabled() if tail_graphs is None else bool(tail_graphs))
         self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
         self.accountant = accounting.PrivacyAccountant()
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)

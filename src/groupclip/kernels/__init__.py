@@ -124,6 +124,13 @@ class SharedInput:
             self.key = self.source = self.tiles = None
         return tiles, tiles is None and not last
 
+    def skip(self) -> None:
+        """A reader that computes its own Gram (a graphed clip tail, `groupclip.tails`): it arrives without
+        keeping or reading tiles."""
+        self.arrived += 1
+        if self.arrived >= self.readers:
+            self.key = self.source = self.tiles = None
+
     def keep(self, a: torch.Tensor, tiles: torch.Tensor) -> None:
         self.key, self.source, self.tiles = self._key(a), a.detach(), tiles
 

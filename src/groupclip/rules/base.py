@@ -188,6 +188,18 @@ def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 _STEP_MEMOS: list[_TensorMemo] = []
+_MEMOS_OFF = [0]  # depth of `memos_off` scopes
+
+
+@contextlib.contextmanager
+def memos_off():
+    """Scope in which the tensor memos neither return nor keep values (a CUDA-graph capture of a clip tail must
+    compute everything it reads, not read a tensor cached from outside the graph)."""
+    _MEMOS_OFF[0] += 1
+    try:
+        yield
+    finally:
+        _MEMOS_OFF[0] -= 1
 
 
 def clear_step_memos() -> None:
@@ -212,13 +224,16 @@ class _TensorMemo:
         return (t.data_ptr(), t.shape, t.stride(), t.dtype, t._version, tag)
 
     def get(self, t: torch.Tensor, tag: object):
-        return self._find(self.key(t, tag))
+        return None if _MEMOS_OFF[0] else self._find(self.key(t, tag))
 
     def put(self, t: torch.Tensor, tag: object, value) -> None:
-        self._insert(self.key(t, tag), t, value)
+        if not _MEMOS_OFF[0]:
+            self._insert(self.key(t, tag), t, value)
 
     def get_or_make(self, t: torch.Tensor, tag: object, make, *args):
         """The value kept for (t, tag), or `make(*args)` kept for it now (one key computation for both)."""
+        if _MEMOS_OFF[0]:
+            return make(*args)
         k = self.key(t, tag)
         value = self._find(k)
         if value is None:

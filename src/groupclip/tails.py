@@ -1,0 +1,152 @@
+"""Per-layer CUDA graphs of the clip tail: a layer-wise group's norm, coefficient and clipped sums in one host call.
+
+Opt-in: `GROUPCLIP_TAIL_GRAPHS=1`. For eager training loops that are bound by the host CPU (many small layers on a
+fast GPU, e.g. ViT-base under bf16 autocast on an H100), where `engine.graphed_backward` cannot be used.
+
+The clip tail of a Linear layer launches about six kernels from Python; on an H100's host that took 410 µs for
+560 µs of GPU work (ViT-base fc1, bf16; `benchmarks/NOTES.md`). In a steady training loop the caching allocator
+hands every layer the same blocks step after step, so its saved input and output gradient usually sit at the
+same addresses as in the step before. When a layer's tail sees the very same key twice in a row (addresses,
+shapes, strides and dtypes of both tensors, the batch size, the parameters' dtypes, the group's threshold and
+every clipping setting, the TF32 switch, whether the Triton kernels are on), the tail is captured as a CUDA graph;
+from then on, whenever the key matches again, the graph is replayed (~5 µs) and its results are copied out
+(~30 µs for both copies). A replay reads whatever the tensors at those addresses hold now, which the key proves
+to be this step's input and output gradient of this layer; anything else runs eagerly, as without this module.
+The results are the same kernels' results on the same inputs: bitwise equal to the eager tail's.
+
+What a captured tail must not read: values cached outside it. It runs with the tensor memos off, an empty
+per-use cache, and without the Gram tiles that q, k and v otherwise share (each computes its own; the reader
+still counts as arrived). Each graph keeps its results' buffers (the size of its layer's parameters, float32)
+for as long as the engine lives; all graphs share one memory pool for their intermediates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from groupclip import kernels
+from groupclip.rules.base import memos_off
+
+if TYPE_CHECKING:
+    from groupclip.capture.context import Use
+
+log = logging.getLogger(__name__)
+
+#: rules whose tail reads nothing but the use's saved input and output gradient (and the settings in the key)
+RULES = ("linear", "hf_conv1d")
+#: captures per (layer, group) before giving up on it (its addresses keep changing)
+MAX_CAPTURES = 4
+
+
+def enabled() -> bool:
+    return os.environ.get("GROUPCLIP_TAIL_GRAPHS", "0").lower() in ("1", "on", "true", "yes")
+
+
+class _Slot:
+    __slots__ = ("seen", "key", "graph", "outs", "captures")
+
+    def __init__(self) -> None:
+        self.seen: tuple | None = None  # key of the last eager run
+        self.key: tuple | None = None  # key of the captured graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outs: list[torch.Tensor] = []
+        self.captures = 0
+
+
+class TailGraphs:
+    """The captured tails of one engine, by (call plan, group)."""
+
+    def __init__(self, graph_factory: Callable[[], torch.cuda.CUDAGraph] | None = None) -> None:
+        self._slots: dict[tuple, _Slot] = {}
+        self._pool = None
+        self._broken = False
+        self._graph_factory = graph_factory or torch.cuda.CUDAGraph
+        self.replays = 0  # counters, for tests and benchmarks
+        self.captures = 0
+
+    @staticmethod
+    def key(use: Use, names: tuple[str, ...], settings: tuple) -> tuple | None:
+        """Everything the tail of `use` reads, or None where its tail is not graphed."""
+        if use.unit.rule.name not in RULES:
+            return None
+        x, g = use.saved[0], use.grad_out
+        if x is None or not (x.is_cuda and g.is_cuda) or torch.cuda.is_current_stream_capturing():
+            return None  # not inside another capture (`engine.graphed_backward`)
+        params = use.unit.params
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, g.data_ptr(), g.shape, g.stride(), g.dtype,
+                x.device.index, use.batch_size, tuple([params[n].dtype for n in names]), settings,
+                torch.backends.cuda.matmul.allow_tf32, kernels.active(g))
+
+    def run(self, slot_id: tuple, key: tuple, tail: Callable[[], list[torch.Tensor]],
+            use: Use) -> list[torch.Tensor] | None:
+        """The tail's results from a replay or a new capture, or None: the caller runs the tail eagerly."""
+        if self._broken:
+            return None
+        slot = self._slots.get(slot_id)
+        if slot is None:
+            slot = self._slots[slot_id] = _Slot()
+        if slot.graph is not None and slot.key == key:
+            _own_gram(use)
+            slot.graph.replay()
+            self.replays += 1
+            return [o.clone() for o in slot.outs]
+        if slot.seen != key or slot.captures >= MAX_CAPTURES:
+            slot.seen = key
+            return None
+        return self._capture(slot, key, tail, use)
+
+    def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]],
+                 use: Use) -> list[torch.Tensor] | None:
+        from groupclip.graphs import _warmup_stream
+
+        slot.captures += 1
+        slot.graph, slot.outs, slot.key = None, [], None  # drop the old graph first: its memory returns to the pool
+        _own_gram(use)
+        current = torch.cuda.current_stream()
+        side = _warmup_stream()
+        graph = self._graph_factory()
+        capturing = False
+        try:
+            side.wait_stream(current)
+            with torch.cuda.stream(side), memos_off():
+                use.cache.clear()
+                tail()  # warm-up on the capture stream: libraries set up their per-stream state outside the capture
+                use.cache.clear()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                capturing = True
+                outs = tail()
+                capturing = False
+                graph.capture_end()
+            current.wait_stream(side)
+        except Exception as e:  # an operation that cannot be captured: every tail runs eagerly from now on
+            if capturing:
+                try:
+                    graph.capture_end()
+                except Exception:  # the capture was already invalidated
+                    pass
+            current.wait_stream(side)
+            use.cache.clear()
+            self._broken = True
+            log.warning("groupclip: capturing the clip tail of %s as a CUDA graph failed (%s: %s); clip tails "
+                        "run eagerly from now on", use.unit.label(), type(e).__name__, e)
+            return None
+        use.cache.clear()
+        if self._pool is None:
+            self._pool = graph.pool()
+        slot.graph, slot.outs, slot.key = graph, outs, key
+        self.captures += 1
+        graph.replay()
+        self.replays += 1
+        return [o.clone() for o in outs]
+
+
+def _own_gram(use: Use) -> None:
+    """A graphed tail computes its input's Gram itself: it never keeps or reads the tiles q, k, v share."""
+    shared = use.extra.pop("input", None)
+    if shared is not None:
+        shared.skip()

@@ -1,0 +1,218 @@
+"""Per-layer CUDA graphs of the clip tail (`groupclip.tails`, GROUPCLIP_TAIL_GRAPHS=1).
+
+Everywhere: the capture/replay policy (a fake capture), the key's scope, the memo switch a capture runs under,
+the shared-input bookkeeping of a reader that computes its own Gram, and the switch. On a CUDA machine: training
+steps with the graphs against the eager engine on an identical model (which the oracle suites check against
+float64 one-sample-at-a-time gradients), fresh random data every step, so a replay that read anything stale would
+differ; with q, k, v reading one input, under bf16 autocast, across a change of batch size, and inside
+`engine.graphed_backward`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import groupclip
+from groupclip import kernels, tails
+from groupclip.rules import base
+from groupclip.tails import TailGraphs
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not private")
+        yield
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replayed = 0
+
+    def replay(self):
+        self.replayed += 1
+
+
+def _fake_capture(tg: TailGraphs, log: list):
+    def capture(slot, key, tail, use):
+        slot.captures += 1
+        outs = tail()
+        slot.graph, slot.outs, slot.key = _FakeGraph(), outs, key
+        log.append(key)
+        return [o.clone() for o in outs]
+
+    tg._capture = capture
+
+
+class _Use:  # what `run` touches of a use
+    def __init__(self):
+        self.extra = {}
+
+
+def test_run_policy_capture_on_second_sighting_then_replay():
+    tg, captured = TailGraphs(), []
+    _fake_capture(tg, captured)
+    out = torch.arange(3.0)
+    tail, use, slot = (lambda: [out]), _Use(), ("plan", 0)
+    assert tg.run(slot, ("k1",), tail, use) is None  # first sighting: eager
+    got = tg.run(slot, ("k1",), tail, use)  # same key again: captured (and its result returned)
+    assert captured == [("k1",)] and torch.equal(got[0], out) and got[0] is not out
+    got = tg.run(slot, ("k1",), tail, use)  # replay: a copy of the graph's result buffer
+    assert tg._slots[slot].graph.replayed == 1 and tg.replays == 1
+    assert torch.equal(got[0], out) and got[0] is not out
+    assert tg.run(slot, ("k2",), tail, use) is None  # other addresses: eager, remembered
+    assert tg.run(("plan", 1), ("k1",), tail, use) is None  # another slot has its own history
+    tg.run(slot, ("k2",), tail, use)
+    assert captured == [("k1",), ("k2",)]
+    assert tg.run(slot, ("k1",), tail, use) is None  # the k1 graph was replaced
+
+
+def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
+    tg, captured = TailGraphs(), []
+    _fake_capture(tg, captured)
+    tail, use, slot = (lambda: [torch.ones(2)]), _Use(), ("plan", 0)
+    for i in range(tails.MAX_CAPTURES):
+        assert tg.run(slot, (i,), tail, use) is None
+        assert tg.run(slot, (i,), tail, use) is not None
+    assert tg.run(slot, ("new",), tail, use) is None
+    assert tg.run(slot, ("new",), tail, use) is None  # no more captures for this slot
+    assert len(captured) == tails.MAX_CAPTURES
+    tg._broken = True
+    assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is None  # after a failed capture: all eager
+
+
+def test_replay_and_capture_leave_the_shared_input_without_reading_or_keeping_tiles():
+    shared = kernels.SharedInput()
+    shared.readers = 3
+    use = _Use()
+    use.extra["input"] = shared
+    tails._own_gram(use)
+    assert "input" not in use.extra and shared.arrived == 1 and shared.tiles is None
+    a = torch.randn(2, 3, 4)
+    tiles, keep = shared.arrive(a)  # the second reader keeps tiles for the third
+    assert tiles is None and keep
+    shared.keep(a, torch.zeros(1))
+    shared.skip()  # the third is graphed: it is the last, the tiles go
+    assert shared.arrived == 3 and shared.tiles is None and shared.source is None
+
+
+def test_memos_off_neither_returns_nor_keeps():
+    x = torch.randn(2, 3, 4)
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.zeros(1)
+
+    base.clear_step_memos()
+    with base.memos_off():
+        base.GRAMS.get_or_make(x, "t", make)
+        base.GRAMS.put(x, "u", torch.ones(1))
+        assert base.GRAMS.get(x, "u") is None
+    assert base.GRAMS.get(x, "t") is None and base.GRAMS.get(x, "u") is None
+    base.GRAMS.get_or_make(x, "t", make)
+    base.GRAMS.get_or_make(x, "t", make)
+    assert len(made) == 2  # once inside the scope, once outside (then remembered)
+    base.clear_step_memos()
+
+
+class QKV(nn.Module):
+    """q, k and v read one input (their Gram tiles are shared by the eager engine), then an MLP."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(12, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4.0, -1) @ self.v(h)
+        return self.fc2(torch.relu(self.fc1(h + a))).mean(1)
+
+
+def _engine(model, groups="layer-wise"):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    eng = groupclip.PrivacyEngine(model, opt, batch_size=8, sample_size=800, noise_multiplier=0.0,
+                                  groups=groups, seed=0)
+    return eng, opt
+
+
+def _engine_with(model, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    return groupclip.PrivacyEngine(model, opt, batch_size=8, sample_size=800, noise_multiplier=0.0, seed=0, **kw)
+
+
+def test_switch(monkeypatch):
+    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
+    assert _engine(QKV())[0].clipper.tails is None
+    assert isinstance(_engine_with(QKV(), tail_graphs=True).clipper.tails, TailGraphs)
+    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
+    assert _engine_with(QKV(), tail_graphs=False).clipper.tails is None  # the argument wins
+    eng, opt = _engine(QKV())
+    assert isinstance(eng.clipper.tails, TailGraphs)
+    model = eng.model
+    model(torch.randn(8, 5, 12)).square().mean().backward()  # CPU tensors: no key, the eager tail
+    assert all(p.grad is not None for p in model.parameters())
+    assert eng.clipper.tails._slots == {}
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _compare_steps(ref, model, opt, batches, autocast):
+    """Each batch through both models (their own engines); p.grad compared right away and not kept, so every
+    step allocates as the one before (as a training loop does)."""
+    for step, x in enumerate(batches):
+        grads = []
+        for m, o in (ref, (model, opt)):
+            o.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = m(x).float().square().mean()
+            loss.backward()
+            grads.append([p.grad for p in m.parameters()])
+        for (n, _), want, got in zip(model.named_parameters(), *grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"step {step}, {n}")
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_tails_equal_the_eager_engine(monkeypatch, autocast):
+    torch.manual_seed(0)
+    ref_model = QKV().cuda()
+    model = copy.deepcopy(ref_model)
+    ref_opt = _engine(ref_model)[1]
+    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
+    eng, opt = _engine(model)
+    gen = torch.Generator("cuda").manual_seed(1)
+    shapes = [(8, 5)] * 5 + [(6, 5)] * 3 + [(8, 5)] * 4  # a smaller batch in between, then back
+    batches = (torch.randn(b, t, 12, device="cuda", generator=gen) for b, t in shapes)  # made as they come
+    _compare_steps((ref_model, ref_opt), model, opt, batches, autocast)
+    tg = eng.clipper.tails
+    assert tg.captures >= 6 and tg.replays > tg.captures, (tg.captures, tg.replays)
+
+
+@cuda
+def test_inside_graphed_backward_the_tails_stay_out(monkeypatch):
+    torch.manual_seed(0)
+    ref_model = QKV().cuda()
+    model = copy.deepcopy(ref_model)
+    ref_opt = _engine(ref_model)[1]
+    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
+    eng, opt = _engine(model)
+    x = torch.randn(8, 5, 12, device="cuda")
+    step = eng.graphed_backward(lambda b: model(b).square().mean(), torch.randn(8, 5, 12, device="cuda"))
+    opt.zero_grad(set_to_none=True)
+    step(x)
+    ref_opt.zero_grad(set_to_none=True)
+    ref_model(x).square().mean().backward()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+    replays = eng.clipper.tails.replays
+    step(x)  # the step's graph runs no Python: no tail is replayed or captured inside it
+    assert eng.clipper.tails.replays == replays
