@@ -1,12 +1,12 @@
 """GPU speed and memory of groupclip next to non-private training and Opacus, in one run.
 
 Rows: non-private; groupclip all-layer; groupclip layer-wise (also with `tail_graphs=True`: "-tails"); Opacus hooks
-and ghost (where importable; their errors are recorded where they fail). Workloads: GPT-2 small LM (HF GPT2LMHeadModel from config, tied
-embeddings, default position ids) at T=256/B=64 and T=1024/B=16; ViT-base/16 at 224² (HF ViTForImageClassification
-from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every configuration is timed twice,
-the two rounds interleaved; median of --steps timed steps after --warmup, synchronised timers, random data.
-Then the same number of steps again back to back (no sync between steps, as a training loop runs them; per-step
-times from CUDA events at each step's start, idle GPU time included): `samples_per_s_b2b`.
+and ghost (where importable; their errors are recorded where they fail). Workloads: GPT-2 small LM (HF
+GPT2LMHeadModel from config, tied embeddings, default position ids) at T=256/B=64 and T=1024/B=16; ViT-base/16 at
+224² (HF ViTForImageClassification from config), 10 classes, B=128. Each in fp32 (TF32 on) and bf16 autocast. Every
+configuration is timed twice, the two rounds interleaved; median of --steps timed steps after --warmup, synchronised
+timers, random data. Then the same number of steps again back to back (no sync between steps, as a training loop
+runs them; per-step times from CUDA events at each step's start, idle GPU time included): `samples_per_s_b2b`.
 
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
 model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they

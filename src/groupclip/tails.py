@@ -3,21 +3,23 @@
 Opt-in: `GROUPCLIP_TAIL_GRAPHS=1`. For eager training loops that are bound by the host CPU (many small layers on a
 fast GPU, e.g. ViT-base under bf16 autocast on an H100), where `engine.graphed_backward` cannot be used.
 
-The clip tail of a Linear layer launches about six kernels from Python; on an H100's host that took 410 µs for
-560 µs of GPU work (ViT-base fc1, bf16; `benchmarks/NOTES.md`). In a steady training loop the caching allocator
-hands every layer the same blocks step after step, so its saved input and output gradient usually sit at the
-same addresses as in the step before. When a layer's tail sees the very same key twice in a row (addresses,
-shapes, strides and dtypes of both tensors, the batch size, the parameters' dtypes, the group's threshold and
-every clipping setting, the TF32 switch, whether the Triton kernels are on), the tail is captured as a CUDA graph;
-from then on, whenever the key matches again, the graph is replayed (~5 µs) and its results are copied out
-(~30 µs for both copies). A replay reads whatever the tensors at those addresses hold now, which the key proves
-to be this step's input and output gradient of this layer; anything else runs eagerly, as without this module.
-The results are the same kernels' results on the same inputs: bitwise equal to the eager tail's.
+Layers: Linear (and transformers' Conv1D) and LayerNorm. The clip tail of a Linear layer launches about six kernels
+from Python; on an H100's host that took 410 µs for 560 µs of GPU work (ViT-base fc1, bf16; `benchmarks/NOTES.md`).
+In a steady training loop the caching allocator hands every layer the same blocks step after step, so its saved
+input and output gradient usually sit at the same addresses as in the step before. When a layer's tail sees the very
+same key twice in a row (addresses, shapes, strides and dtypes of the output gradient, of every tensor the layer
+saved in forward and of every per-sample value its backward cached before the tail (LayerNorm's), the batch size,
+the parameters' dtypes, the group's threshold and every clipping setting, the TF32 switch, whether the Triton
+kernels are on), the tail is captured as a CUDA graph; from then on, whenever the key matches again, the graph is
+replayed (~5 µs) and its results are copied out (~30 µs for both copies). A replay reads whatever the tensors at
+those addresses hold now, which the key proves to be this step's input and output gradient of this layer; anything
+else runs eagerly, as without this module. The results are the same kernels' results on the same inputs (q, k and v
+recompute their input's Gram instead of sharing it: equal up to float32 rounding).
 
-What a captured tail must not read: values cached outside it. It runs with the tensor memos off, an empty
-per-use cache, and without the Gram tiles that q, k and v otherwise share (each computes its own; the reader
-still counts as arrived). Each graph keeps its results' buffers (the size of its layer's parameters, float32)
-for as long as the engine lives; all graphs share one memory pool for their intermediates.
+What a captured tail must not read: values cached outside it. It runs with the tensor memos off, the per-use cache
+as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
+own; the reader still counts as arrived). Each graph keeps its results' buffers (the size of its layer's parameters,
+float32) for as long as the engine lives; all graphs share one memory pool for their intermediates.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: rules whose tail reads nothing but the use's saved input and output gradient (and the settings in the key)
-RULES = ("linear", "hf_conv1d")
+#: rules whose tail reads nothing but the use's tensors (saved, output gradient, cached per-sample values: all in
+#: the key) and the settings in the key
+RULES = ("linear", "hf_conv1d", "layer_norm")
 #: captures per (layer, group) before giving up on it (its addresses keep changing)
 MAX_CAPTURES = 4
 
@@ -74,13 +77,21 @@ class TailGraphs:
         """Everything the tail of `use` reads, or None where its tail is not graphed."""
         if use.unit.rule.name not in RULES:
             return None
-        x, g = use.saved[0], use.grad_out
-        if x is None or not (x.is_cuda and g.is_cuda) or torch.cuda.is_current_stream_capturing():
+        g = use.grad_out
+        if not isinstance(g, torch.Tensor) or not g.is_cuda or torch.cuda.is_current_stream_capturing():
             return None  # not inside another capture (`engine.graphed_backward`)
+        parts = [g.data_ptr(), g.shape, g.stride(), g.dtype, g.device.index]
+        for t in (*use.saved, *use.cache.values()):  # the saved tensors and what backward cached before the tail
+            if t is None:
+                parts.append(None)
+            elif isinstance(t, torch.Tensor) and t.device == g.device:
+                parts += (t.data_ptr(), t.shape, t.stride(), t.dtype)
+            else:
+                return None
         params = use.unit.params
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype, g.data_ptr(), g.shape, g.stride(), g.dtype,
-                x.device.index, use.batch_size, tuple([params[n].dtype for n in names]), settings,
-                torch.backends.cuda.matmul.allow_tf32, kernels.active(g))
+        parts += (use.batch_size, tuple(use.cache), tuple([params[n].dtype for n in names]), settings,
+                  torch.backends.cuda.matmul.allow_tf32, kernels.active(g))
+        return tuple(parts)
 
     def run(self, slot_id: tuple, key: tuple, tail: Callable[[], list[torch.Tensor]],
             use: Use) -> list[torch.Tensor] | None:
@@ -107,6 +118,7 @@ class TailGraphs:
         slot.captures += 1
         slot.graph, slot.outs, slot.key = None, [], None  # drop the old graph first: its memory returns to the pool
         _own_gram(use)
+        before = dict(use.cache)  # computed outside the tail (LayerNorm's per-sample gradients), in the key
         current = torch.cuda.current_stream()
         side = _warmup_stream()
         graph = self._graph_factory()
@@ -114,9 +126,9 @@ class TailGraphs:
         try:
             side.wait_stream(current)
             with torch.cuda.stream(side), memos_off():
-                use.cache.clear()
+                _reset(use, before)
                 tail()  # warm-up on the capture stream: libraries set up their per-stream state outside the capture
-                use.cache.clear()
+                _reset(use, before)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 capturing = True
                 outs = tail()
@@ -130,12 +142,12 @@ class TailGraphs:
                 except Exception:  # the capture was already invalidated
                     pass
             current.wait_stream(side)
-            use.cache.clear()
+            _reset(use, before)
             self._broken = True
             log.warning("groupclip: capturing the clip tail of %s as a CUDA graph failed (%s: %s); clip tails "
                         "run eagerly from now on", use.unit.label(), type(e).__name__, e)
             return None
-        use.cache.clear()
+        _reset(use, before)
         if self._pool is None:
             self._pool = graph.pool()
         slot.graph, slot.outs, slot.key = graph, outs, key
@@ -143,6 +155,12 @@ class TailGraphs:
         graph.replay()
         self.replays += 1
         return [o.clone() for o in outs]
+
+
+def _reset(use: Use, before: dict) -> None:
+    """The use's cache as it was before the tail: a capture must compute what the tail itself caches."""
+    use.cache.clear()
+    use.cache.update(before)
 
 
 def _own_gram(use: Use) -> None:
