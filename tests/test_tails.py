@@ -41,8 +41,10 @@ class _FakeGraph:
 def _fake_capture(tg: TailGraphs, log: list):
     def capture(slot, key, tail, use):
         slot.captures += 1
+        del slot.graphs[tails.GRAPHS_PER_SLOT - 1:]
         outs = tail()
-        slot.graph, slot.outs, slot.key = _FakeGraph(), outs, key
+        slot.graphs.insert(0, (key, _FakeGraph(), outs))
+        slot.seen.remove(key)
         log.append(key)
         return [o.clone() for o in outs]
 
@@ -54,22 +56,29 @@ class _Use:  # what `run` touches of a use
         self.extra = {}
 
 
-def test_run_policy_capture_on_second_sighting_then_replay():
+def test_run_policy_capture_when_a_key_comes_back_then_replay():
     tg, captured = TailGraphs(), []
     _fake_capture(tg, captured)
     out = torch.arange(3.0)
     tail, use, slot = (lambda: [out]), _Use(), ("plan", 0)
     assert tg.run(slot, ("k1",), tail, use) is None  # first sighting: eager
-    got = tg.run(slot, ("k1",), tail, use)  # same key again: captured (and its result returned)
+    got = tg.run(slot, ("k1",), tail, use)  # the same key again: captured (and its result returned)
     assert captured == [("k1",)] and torch.equal(got[0], out) and got[0] is not out
     got = tg.run(slot, ("k1",), tail, use)  # replay: a copy of the graph's result buffer
-    assert tg._slots[slot].graph.replayed == 1 and tg.replays == 1
+    assert tg._slots[slot].graphs[0][1].replayed == 1 and tg.replays == 1
     assert torch.equal(got[0], out) and got[0] is not out
-    assert tg.run(slot, ("k2",), tail, use) is None  # other addresses: eager, remembered
     assert tg.run(("plan", 1), ("k1",), tail, use) is None  # another slot has its own history
-    tg.run(slot, ("k2",), tail, use)
-    assert captured == [("k1",), ("k2",)]
-    assert tg.run(slot, ("k1",), tail, use) is None  # the k1 graph was replaced
+    # addresses alternating between two sets, step after step (a batch moved to the GPU while the last one lives)
+    assert tg.run(slot, ("k2",), tail, use) is None
+    assert tg.run(slot, ("k1",), tail, use) is not None and tg.replays == 2
+    assert tg.run(slot, ("k2",), tail, use) is not None and captured[-1] == ("k2",)
+    assert tg.run(slot, ("k1",), tail, use) is not None and tg.replays == 3
+    assert tg.run(slot, ("k2",), tail, use) is not None and tg.replays == 4
+    # a third set: captured when it comes back, in place of the least recently used graph (k1)
+    assert tg.run(slot, ("k3",), tail, use) is None
+    assert tg.run(slot, ("k3",), tail, use) is not None and captured[-1] == ("k3",)
+    assert [k for k, _, _ in tg._slots[slot].graphs] == [("k3",), ("k2",)]
+    assert tg.run(slot, ("k1",), tail, use) is None
 
 
 def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
@@ -82,6 +91,7 @@ def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
     assert tg.run(slot, ("new",), tail, use) is None
     assert tg.run(slot, ("new",), tail, use) is None  # no more captures for this slot
     assert len(captured) == tails.MAX_CAPTURES
+    assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is not None  # its kept graphs still replay
     tg._broken = True
     assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is None  # after a failed capture: all eager
 

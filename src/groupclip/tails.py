@@ -42,8 +42,13 @@ log = logging.getLogger(__name__)
 #: rules whose tail reads nothing but the use's tensors (saved, output gradient, cached per-sample values: all in
 #: the key) and the settings in the key
 RULES = ("linear", "hf_conv1d", "layer_norm")
+#: graphs kept per (layer, group): a loop that moves each batch to the GPU while the previous one is still referenced
+#: alternates between two sets of addresses, step after step
+GRAPHS_PER_SLOT = 2
+#: keys remembered per (layer, group) from eager runs (a key is captured when it comes back)
+SEEN_PER_SLOT = 4
 #: captures per (layer, group) before giving up on it (its addresses keep changing)
-MAX_CAPTURES = 4
+MAX_CAPTURES = 8
 
 
 def enabled() -> bool:
@@ -51,13 +56,12 @@ def enabled() -> bool:
 
 
 class _Slot:
-    __slots__ = ("seen", "key", "graph", "outs", "captures")
+    __slots__ = ("seen", "graphs", "captures")
 
     def __init__(self) -> None:
-        self.seen: tuple | None = None  # key of the last eager run
-        self.key: tuple | None = None  # key of the captured graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outs: list[torch.Tensor] = []
+        self.seen: list[tuple] = []  # keys of recent eager runs, newest first
+        # (key, graph, its result buffers), most recently used first
+        self.graphs: list[tuple[tuple, torch.cuda.CUDAGraph, list[torch.Tensor]]] = []
         self.captures = 0
 
 
@@ -101,13 +105,19 @@ class TailGraphs:
         slot = self._slots.get(slot_id)
         if slot is None:
             slot = self._slots[slot_id] = _Slot()
-        if slot.graph is not None and slot.key == key:
-            _own_gram(use)
-            slot.graph.replay()
-            self.replays += 1
-            return [o.clone() for o in slot.outs]
-        if slot.seen != key or slot.captures >= MAX_CAPTURES:
-            slot.seen = key
+        graphs = slot.graphs
+        for i, (gkey, graph, outs) in enumerate(graphs):
+            if gkey == key:
+                if i:
+                    graphs.insert(0, graphs.pop(i))
+                _own_gram(use)
+                graph.replay()
+                self.replays += 1
+                return [o.clone() for o in outs]
+        if key not in slot.seen or slot.captures >= MAX_CAPTURES:
+            if key not in slot.seen:
+                slot.seen.insert(0, key)
+                del slot.seen[SEEN_PER_SLOT:]
             return None
         return self._capture(slot, key, tail, use)
 
@@ -116,7 +126,7 @@ class TailGraphs:
         from groupclip.graphs import _warmup_stream
 
         slot.captures += 1
-        slot.graph, slot.outs, slot.key = None, [], None  # drop the old graph first: its memory returns to the pool
+        del slot.graphs[GRAPHS_PER_SLOT - 1:]  # the least recently used goes first: its memory returns to the pool
         _own_gram(use)
         before = dict(use.cache)  # computed outside the tail (LayerNorm's per-sample gradients), in the key
         current = torch.cuda.current_stream()
@@ -150,7 +160,8 @@ class TailGraphs:
         _reset(use, before)
         if self._pool is None:
             self._pool = graph.pool()
-        slot.graph, slot.outs, slot.key = graph, outs, key
+        slot.graphs.insert(0, (key, graph, outs))
+        slot.seen.remove(key)
         self.captures += 1
         graph.replay()
         self.replays += 1
