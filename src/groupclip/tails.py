@@ -7,14 +7,14 @@ Layers: Linear (and transformers' Conv1D) and LayerNorm. The clip tail of a Line
 from Python; on an H100's host that took 410 µs for 560 µs of GPU work (ViT-base fc1, bf16; `benchmarks/NOTES.md`).
 In a steady training loop the caching allocator hands every layer the same blocks step after step, so its saved
 input and output gradient usually sit at the same addresses as in the step before. When a layer's tail sees the very
-same key twice in a row (addresses, shapes, strides and dtypes of the output gradient, of every tensor the layer
-saved in forward and of every per-sample value its backward cached before the tail (LayerNorm's), the batch size,
-the parameters' dtypes, the group's threshold and every clipping setting, the TF32 switch, whether the Triton
-kernels are on), the tail is captured as a CUDA graph; from then on, whenever the key matches again, the graph is
-replayed (~5 µs) and its results are copied out (~30 µs for both copies). A replay reads whatever the tensors at
-those addresses hold now, which the key proves to be this step's input and output gradient of this layer; anything
-else runs eagerly, as without this module. The results are the same kernels' results on the same inputs (q, k and v
-recompute their input's Gram instead of sharing it: equal up to float32 rounding).
+same key again (addresses, shapes, strides and dtypes of every tensor the tail reads: a Linear layer's saved input
+and output gradient, LayerNorm's per-sample gradients from its fused backward; the batch size, the parameters'
+dtypes, the group's threshold and every clipping setting, the TF32 switch, whether the Triton kernels are on), the
+tail is captured as a CUDA graph; from then on, whenever the key matches again, the graph is replayed (~5 µs) and
+its results are copied out (~30 µs for both copies). A replay reads whatever the tensors at those addresses hold
+now, which the key proves to be this step's input and output gradient of this layer; anything else runs eagerly, as
+without this module. The results are the same kernels' results on the same inputs (q, k and v recompute their
+input's Gram instead of sharing it: equal up to float32 rounding).
 
 What a captured tail must not read: values cached outside it. It runs with the tensor memos off, the per-use cache
 as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: rules whose tail reads nothing but the use's tensors (saved, output gradient, cached per-sample values: all in
-#: the key) and the settings in the key
-RULES = ("linear", "hf_conv1d", "layer_norm")
 #: graphs kept per (layer, group): a loop that moves each batch to the GPU while the previous one is still referenced
 #: alternates between two sets of addresses, step after step
 GRAPHS_PER_SLOT = 2
@@ -79,13 +76,14 @@ class TailGraphs:
     @staticmethod
     def key(use: Use, names: tuple[str, ...], settings: tuple) -> tuple | None:
         """Everything the tail of `use` reads, or None where its tail is not graphed."""
-        if use.unit.rule.name not in RULES:
+        read = _read_by_tail(use, names)
+        if read is None:
             return None
         g = use.grad_out
         if not isinstance(g, torch.Tensor) or not g.is_cuda or torch.cuda.is_current_stream_capturing():
             return None  # not inside another capture (`engine.graphed_backward`)
-        parts = [g.data_ptr(), g.shape, g.stride(), g.dtype, g.device.index]
-        for t in (*use.saved, *use.cache.values()):  # the saved tensors and what backward cached before the tail
+        parts = [g.device.index]
+        for t in read:
             if t is None:
                 parts.append(None)
             elif isinstance(t, torch.Tensor) and t.device == g.device:
@@ -166,6 +164,23 @@ class TailGraphs:
         graph.replay()
         self.replays += 1
         return [o.clone() for o in outs]
+
+
+def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
+    """The tensors the tail of `use` reads (its rule's norm parts and clipped sums), or None for other rules.
+
+    Linear / Conv1D: the saved input and the output gradient (the autocast copy of the weight served the input
+    gradient only). LayerNorm: the per-sample gradients its fused backward cached, or, where it did not, the saved
+    tensors and the output gradient they are computed from."""
+    rule = use.unit.rule.name
+    if rule in ("linear", "hf_conv1d"):
+        return (use.saved[0], use.grad_out, *use.cache.values())
+    if rule == "layer_norm":
+        cache = use.cache
+        if all("ps_" + n in cache for n in names):
+            return tuple(cache.values())
+        return (*use.saved, use.grad_out, *cache.values())
+    return None
 
 
 def _reset(use: Use, before: dict) -> None:
