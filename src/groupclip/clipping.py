@@ -190,10 +190,10 @@ class Clipper:
 
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
-        key = (u.plan, k)
-        names = self._names_in.get(key)
+        slot = (u.plan, k)
+        names = self._names_in.get(slot)
         if names is None:
-            names = self._names_in[key] = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
+            names = self._names_in[slot] = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
         if not names:
             return
         tails = self.tails
@@ -201,7 +201,7 @@ class Clipper:
             key = tails.key(u, names, (self.kind, self.groups.thresholds[k], self.batch_size, self.loss_reduction,
                                        self.gamma, self.psac_r))
             if key is not None:
-                sums = tails.run((u.plan, k), key, lambda: self._tail(k, u, names), u)
+                sums = tails.run(slot, key, lambda: self._tail(k, u, names), u)
                 if sums is not None:
                     for n, s in zip(names, sums, strict=True):
                         _add_grad(u.unit.params[n], s)

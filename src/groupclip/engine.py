@@ -45,9 +45,10 @@ class PrivacyEngine:
         accountant: "pld" (default) or "rdp", for calibration and `epsilon()`.
         seed: seed of the noise (and, by default, of the Poisson sampler); secure_mode draws it from the OS.
         max_physical_batch_size: split each logical batch of `data_loader()` into micro-batches.
-        tail_graphs: replay each layer-wise Linear layer's clip tail (norm, coefficient, clipped sums) from a CUDA
-            graph when its tensors sit where they sat before (`groupclip.tails`): for eager loops bound by the
-            host CPU. Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (off unless set to 1).
+        tail_graphs: replay the clip tail (norm, coefficient, clipped sums) of each layer-wise Linear / LayerNorm
+            layer from a CUDA graph when the tensors it reads sit where they sat before (`groupclip.tails`): for
+            eager loops bound by the host CPU. Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (off
+            unless set to 1).
     """
 
     def __init__(

@@ -65,11 +65,10 @@ class _Slot:
 class TailGraphs:
     """The captured tails of one engine, by (call plan, group)."""
 
-    def __init__(self, graph_factory: Callable[[], torch.cuda.CUDAGraph] | None = None) -> None:
+    def __init__(self) -> None:
         self._slots: dict[tuple, _Slot] = {}
-        self._pool = None
+        self._pool = None  # the memory pool all graphs share
         self._broken = False
-        self._graph_factory = graph_factory or torch.cuda.CUDAGraph
         self.replays = 0  # counters, for tests and benchmarks
         self.captures = 0
 
@@ -129,7 +128,7 @@ class TailGraphs:
         before = dict(use.cache)  # computed outside the tail (LayerNorm's per-sample gradients), in the key
         current = torch.cuda.current_stream()
         side = _warmup_stream()
-        graph = self._graph_factory()
+        graph = torch.cuda.CUDAGraph()
         capturing = False
         try:
             side.wait_stream(current)
