@@ -148,24 +148,19 @@ class QKV(nn.Module):
         return self.fc2(torch.relu(self.fc1(h + a))).mean(1)
 
 
-def _engine(model, groups="layer-wise"):
+def _engine(model, groups="layer-wise", **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     eng = groupclip.PrivacyEngine(model, opt, batch_size=8, sample_size=800, noise_multiplier=0.0,
-                                  groups=groups, seed=0)
+                                  groups=groups, seed=0, **kw)
     return eng, opt
-
-
-def _engine_with(model, **kw):
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    return groupclip.PrivacyEngine(model, opt, batch_size=8, sample_size=800, noise_multiplier=0.0, seed=0, **kw)
 
 
 def test_switch(monkeypatch):
     monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
     assert _engine(QKV())[0].clipper.tails is None
-    assert isinstance(_engine_with(QKV(), tail_graphs=True).clipper.tails, TailGraphs)
+    assert isinstance(_engine(QKV(), tail_graphs=True)[0].clipper.tails, TailGraphs)
     monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
-    assert _engine_with(QKV(), tail_graphs=False).clipper.tails is None  # the argument wins
+    assert _engine(QKV(), tail_graphs=False)[0].clipper.tails is None  # the argument wins
     eng, opt = _engine(QKV())
     assert isinstance(eng.clipper.tails, TailGraphs)
     model = eng.model
@@ -192,15 +187,18 @@ def _compare_steps(ref, model, opt, batches, autocast):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"step {step}, {n}")
 
 
-@cuda
-@pytest.mark.parametrize("autocast", [False, True])
-def test_graphed_tails_equal_the_eager_engine(monkeypatch, autocast):
+def _eager_and_tails():
+    """Two identical CUDA models: one with the eager engine, one with tail graphs."""
     torch.manual_seed(0)
     ref_model = QKV().cuda()
     model = copy.deepcopy(ref_model)
-    ref_opt = _engine(ref_model)[1]
-    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
-    eng, opt = _engine(model)
+    return ref_model, _engine(ref_model)[1], model, *_engine(model, tail_graphs=True)
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_graphed_tails_equal_the_eager_engine(autocast):
+    ref_model, ref_opt, model, eng, opt = _eager_and_tails()
     gen = torch.Generator("cuda").manual_seed(1)
     # activations of ≥ 1 MiB, as in real models (the allocator's small-block pool moves tiny tensors around)
     shapes = [(8, 160)] * 5 + [(6, 160)] * 3 + [(8, 160)] * 4  # a smaller batch in between, then back
@@ -211,13 +209,8 @@ def test_graphed_tails_equal_the_eager_engine(monkeypatch, autocast):
 
 
 @cuda
-def test_inside_graphed_backward_the_tails_stay_out(monkeypatch):
-    torch.manual_seed(0)
-    ref_model = QKV().cuda()
-    model = copy.deepcopy(ref_model)
-    ref_opt = _engine(ref_model)[1]
-    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
-    eng, opt = _engine(model)
+def test_inside_graphed_backward_the_tails_stay_out():
+    ref_model, ref_opt, model, eng, opt = _eager_and_tails()
     x = torch.randn(8, 160, 12, device="cuda")
     step = eng.graphed_backward(lambda b: model(b).square().mean(), torch.randn(8, 160, 12, device="cuda"))
     opt.zero_grad(set_to_none=True)
