@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from groupclip import kernels
+from groupclip.graphs import _warmup_stream
 from groupclip.rules.base import memos_off
 
 if TYPE_CHECKING:
@@ -108,20 +109,23 @@ class TailGraphs:
                 if i:
                     graphs.insert(0, graphs.pop(i))
                 _own_gram(use)
-                graph.replay()
-                self.replays += 1
-                return [o.clone() for o in outs]
-        if key not in slot.seen or slot.captures >= MAX_CAPTURES:
-            if key not in slot.seen:
+                return self._replay(graph, outs)
+        seen = key in slot.seen
+        if not seen or slot.captures >= MAX_CAPTURES:
+            if not seen:
                 slot.seen.insert(0, key)
                 del slot.seen[SEEN_PER_SLOT:]
             return None
         return self._capture(slot, key, tail, use)
 
+    def _replay(self, graph: torch.cuda.CUDAGraph, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the graph on the current stream; copies of its results (its buffers are rewritten next replay)."""
+        graph.replay()
+        self.replays += 1
+        return [o.clone() for o in outs]
+
     def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]],
                  use: Use) -> list[torch.Tensor] | None:
-        from groupclip.graphs import _warmup_stream
-
         slot.captures += 1
         del slot.graphs[GRAPHS_PER_SLOT - 1:]  # the least recently used goes first: its memory returns to the pool
         _own_gram(use)
@@ -160,9 +164,7 @@ class TailGraphs:
         slot.graphs.insert(0, (key, graph, outs))
         slot.seen.remove(key)
         self.captures += 1
-        graph.replay()
-        self.replays += 1
-        return [o.clone() for o in outs]
+        return self._replay(graph, outs)
 
 
 def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
