@@ -46,6 +46,7 @@ WORKLOADS = {
     "vit": {"kind": "vit", "batch": 128, "seq": 0},
 }
 GRAPH = "-graph"  # suffix: forward + backward replayed from a CUDA graph (groupclip.graphs.GraphedBackward)
+TRIAL_CAP = 40  # warm-up steps a groupclip mode may add while its tail-graph trial runs
 TAILS = "-tails"  # suffix: the eager loop with each layer's clip tail replayed from a CUDA graph (groupclip.tails)
 MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "groupclip-layer-wise-tails", "opacus-hooks",
          "opacus-ghost", "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
@@ -125,7 +126,7 @@ class Setup:
                 self.engine = groupclip.PrivacyEngine(
                     self.model, self.opt, batch_size=self.batch, sample_size=1_000_000, noise_multiplier=1.0,
                     max_grad_norm=1.0, clipping="automatic", groups=mode.split("-", 1)[1], seed=0,
-                    tail_graphs=tails)
+                    tail_graphs=True if tails else "auto")
         elif mode.startswith("opacus"):
             self._opacus(mode)
 
@@ -232,17 +233,29 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         gen = torch.Generator(DEV).manual_seed(1)
         batches = [make_batch(s.kind, s.batch, s.seq, gen, s.small) for _ in range(2)]
         times = []
-        for i in range(warmup + steps):
+        # groupclip's default ("auto") times its first steps with and without clip-tail graphs and keeps the
+        # faster (`groupclip.tail_trial`): warm up until it has decided (at most TRIAL_CAP steps more)
+        clipper = s.engine.clipper if s.engine is not None else None
+        i = done_warm = 0
+        while len(times) < steps:
             x, y = batches[i % 2]
             sync()
             t0 = time.perf_counter()
             s.step(x, y)
             sync()
-            if i >= warmup:
+            i += 1
+            if done_warm:
                 times.append(time.perf_counter() - t0)
+            elif i >= warmup and (clipper is None or clipper.tail_trial is None or i >= warmup + TRIAL_CAP):
+                done_warm = i
         med = statistics.median(times)
         row.update(step_s=med, samples_per_s=s.batch / med, peak_mem_gib=peak_gib(),
-                   step_s_all=times)
+                   step_s_all=times, warmup_steps=done_warm)
+        if clipper is not None:
+            row["tail_graphs"] = ("trial" if clipper.tail_trial is not None else
+                                  "on" if clipper.tails is not None and clipper.tails.active else "off")
+            if clipper.tail_report is not None:
+                row["tail_trial"] = clipper.tail_report
         # the same steps back to back, as a training loop runs them: no host sync between steps, so the host
         # may prepare step i+1 while the GPU runs step i. Per-step times from CUDA events recorded on the
         # stream at each step's start (GPU timeline, idle gaps included); one sync at the end

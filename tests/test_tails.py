@@ -96,6 +96,18 @@ def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
     assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is None  # after a failed capture: all eager
 
 
+def test_a_slots_second_graph_writes_into_the_first_ones_buffers():
+    slot = tails._Slot()
+    first = [torch.zeros(3, 2), torch.zeros(2)]
+    assert tails._into_slot_buffers(first, slot) is first  # no graph yet: its own results are the buffers
+    slot.graphs.append((("k1",), _FakeGraph(), first))
+    second = [torch.randn(3, 2), torch.randn(2)]
+    got = tails._into_slot_buffers(second, slot)
+    assert got is first and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    other = [torch.randn(3, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]  # other dtypes
+    assert tails._into_slot_buffers(other, slot) is other
+
+
 def test_replay_and_capture_leave_the_shared_input_without_reading_or_keeping_tiles():
     shared = kernels.SharedInput()
     shared.readers = 3
@@ -157,12 +169,14 @@ def _engine(model, groups="layer-wise", **kw):
 
 def test_switch(monkeypatch):
     monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
-    assert _engine(QKV())[0].clipper.tails is None
-    assert isinstance(_engine(QKV(), tail_graphs=True)[0].clipper.tails, TailGraphs)
+    auto = _engine(QKV())[0].clipper  # the default: a trial decides, the graphs off until it switches them on
+    assert auto.tail_trial is not None and not auto.tails.active
+    forced = _engine(QKV(), tail_graphs=True)[0].clipper
+    assert isinstance(forced.tails, TailGraphs) and forced.tails.active and forced.tail_trial is None
     monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "1")
     assert _engine(QKV(), tail_graphs=False)[0].clipper.tails is None  # the argument wins
     eng, opt = _engine(QKV())
-    assert isinstance(eng.clipper.tails, TailGraphs)
+    assert isinstance(eng.clipper.tails, TailGraphs) and eng.clipper.tails.active
     model = eng.model
     model(torch.randn(8, 3, 12)).square().mean().backward()  # CPU tensors: no key, the eager tail
     assert all(p.grad is not None for p in model.parameters())
@@ -187,12 +201,12 @@ def _compare_steps(ref, model, opt, batches, autocast):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"step {step}, {n}")
 
 
-def _eager_and_tails():
-    """Two identical CUDA models: one with the eager engine, one with tail graphs."""
+def _eager_and_tails(mode=True):
+    """Two identical CUDA models: one with the eager engine, one with tail graphs (`mode`: True or "auto")."""
     torch.manual_seed(0)
     ref_model = QKV().cuda()
     model = copy.deepcopy(ref_model)
-    return ref_model, _engine(ref_model)[1], model, *_engine(model, tail_graphs=True)
+    return ref_model, _engine(ref_model, tail_graphs=False)[1], model, *_engine(model, tail_graphs=mode)
 
 
 @cuda
@@ -206,6 +220,8 @@ def test_graphed_tails_equal_the_eager_engine(autocast):
     _compare_steps((ref_model, ref_opt), model, opt, batches, autocast)
     tg = eng.clipper.tails
     assert tg.captures >= 7 and tg.replays > tg.captures, (tg.captures, tg.replays)
+    for slot in tg._slots.values():  # a layer's graphs share one set of result buffers
+        assert all(outs is slot.graphs[0][2] for _, _, outs in slot.graphs)
 
 
 @cuda
@@ -222,3 +238,15 @@ def test_inside_graphed_backward_the_tails_stay_out():
     replays = eng.clipper.tails.replays
     step(x)  # the step's graph runs no Python: no tail is replayed or captured inside it
     assert eng.clipper.tails.replays == replays
+
+
+@cuda
+def test_auto_mode_decides_and_stays_equal_to_the_eager_engine():
+    ref_model, ref_opt, model, eng, opt = _eager_and_tails("auto")
+    gen = torch.Generator("cuda").manual_seed(2)
+    batches = (torch.randn(8, 160, 12, device="cuda", generator=gen) for _ in range(24))
+    _compare_steps((ref_model, ref_opt), model, opt, batches, autocast=False)
+    clipper = eng.clipper
+    assert clipper.tail_trial is None and clipper.tail_report is not None, "no decision after 24 steps"
+    assert (clipper.tails is not None) == clipper.tail_report["kept"]
+    assert clipper.tail_report["ms_per_sample_without"] > 0 and clipper.tail_report["ms_per_sample_with"] > 0

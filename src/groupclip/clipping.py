@@ -17,6 +17,7 @@ from groupclip.capture.context import Use
 from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
+from groupclip.tail_trial import TailTrial
 from groupclip.tails import TailGraphs
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
@@ -104,7 +105,7 @@ class Clipper:
     """Computes per-sample group norms from a group's uses, clips, and accumulates into p.grad."""
 
     def __init__(self, groups: Groups, kind: str, batch_size: int, loss_reduction: str,
-                 gamma: float = 0.01, psac_r: float = 0.01, tail_graphs: bool = False) -> None:
+                 gamma: float = 0.01, psac_r: float = 0.01, tail_graphs: str = "off") -> None:
         if kind not in CLIPPING:
             raise ValueError(f"unknown clipping {kind!r}; choose one of {', '.join(CLIPPING)}")
         if loss_reduction not in ("mean", "sum"):
@@ -120,8 +121,13 @@ class Clipper:
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
-        # per-layer CUDA graphs of single-use tails (`groupclip.tails`, opt-in), or None
-        self.tails: TailGraphs | None = TailGraphs() if tail_graphs else None
+        # per-layer CUDA graphs of single-use tails (`groupclip.tails`), or None; "auto": switched on and kept or
+        # dropped by a measurement over the first steps (`groupclip.tail_trial`)
+        if tail_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"tail_graphs must be 'auto', 'on' or 'off', got {tail_graphs!r}")
+        self.tails: TailGraphs | None = None if tail_graphs == "off" else TailGraphs(active=tail_graphs == "on")
+        self.tail_trial: TailTrial | None = TailTrial(self.tails) if tail_graphs == "auto" else None
+        self.tail_report: dict | None = None  # the trial's measurement, once decided
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -198,16 +204,32 @@ class Clipper:
             return
         tails = self.tails
         if tails is not None and self.sample_mask is None:
-            key = tails.key(u, names, (self.kind, self.groups.thresholds[k], self.batch_size, self.loss_reduction,
-                                       self.gamma, self.psac_r))
-            if key is not None:
-                sums = tails.run(slot, key, lambda: self._tail(k, u, names), u)
-                if sums is not None:
-                    for n, s in zip(names, sums, strict=True):
-                        _add_grad(u.unit.params[n], s)
-                    return
+            if self.tail_trial is not None:
+                self.tail_trial.saw(u)
+            if tails.active:
+                key = tails.key(u, names, (self.kind, self.groups.thresholds[k], self.batch_size,
+                                           self.loss_reduction, self.gamma, self.psac_r))
+                if key is not None:
+                    sums = tails.run(slot, key, lambda: self._tail(k, u, names), u)
+                    if sums is not None:
+                        for n, s in zip(names, sums, strict=True):
+                            _add_grad(u.unit.params[n], s)
+                        return
         for n, s in zip(names, self._tail(k, u, names), strict=True):
             _add_grad(u.unit.params[n], s)
+
+    def end_of_backward(self) -> None:
+        """Called by the hub after each backward pass: advances the tail-graph trial, drops the graphs if it
+        decides against them."""
+        trial = self.tail_trial
+        if trial is None:
+            return
+        keep = trial.end_of_backward()
+        if keep is None:
+            return
+        self.tail_trial, self.tail_report = None, trial.report
+        if not keep:
+            self.tails = None  # the graphs and their memory pool go with it
 
     def _tail(self, k: int, u: Use, names: tuple[str, ...]) -> list[torch.Tensor]:
         """Norm, coefficient and the clipped sums of `names` (one use; each of its parameters used once)."""

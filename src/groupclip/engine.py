@@ -47,8 +47,9 @@ class PrivacyEngine:
         max_physical_batch_size: split each logical batch of `data_loader()` into micro-batches.
         tail_graphs: replay the clip tail (norm, coefficient, clipped sums) of each layer-wise Linear / LayerNorm
             layer from a CUDA graph when the tensors it reads sit where they sat before (`groupclip.tails`): for
-            eager loops bound by the host CPU. Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (off
-            unless set to 1).
+            eager loops bound by the host CPU. "auto" times a few steps with and without them and keeps them only
+            where the loop runs faster (`groupclip.tail_trial`; the decision is logged); True / False force.
+            Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (1, 0 or auto), else "auto".
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class PrivacyEngine:
         seed: int | None = None,
         secure_mode: bool = False,
         max_physical_batch_size: int | None = None,
-        tail_graphs: bool | None = None,
+        tail_graphs: bool | str | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -136,10 +137,11 @@ class PrivacyEngine:
         self.groups = build_groups(model, groups, max_grad_norm, thresholds)
         self.max_grad_norm = self.groups.sensitivity
         self.clipper = Clipper(self.groups, clipping, batch_size, loss_reduction, gamma, psac_r,
-                               tails.enabled() if tail_graphs is None else bool(tail_graphs))
+                               tails.mode(tail_graphs))
         self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
         self.accountant = accounting.PrivacyAccountant()
-        self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting)
+        self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting,
+                              self.clipper.end_of_backward)
         self._named_params = list(self.model.named_parameters())  # walked once: the step check runs every step
         self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step,
                               self.hub.clear_failed_partially)

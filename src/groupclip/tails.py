@@ -1,7 +1,9 @@
 """Per-layer CUDA graphs of the clip tail: a layer-wise group's norm, coefficient and clipped sums in one host call.
 
-Opt-in: `GROUPCLIP_TAIL_GRAPHS=1`. For eager training loops that are bound by the host CPU (many small layers on a
-fast GPU, e.g. ViT-base under bf16 autocast on an H100), where `engine.graphed_backward` cannot be used.
+For eager training loops that are bound by the host CPU (many small layers on a fast GPU, e.g. ViT-base under bf16
+autocast on an H100), where `engine.graphed_backward` cannot be used. `PrivacyEngine(tail_graphs=...)` or
+`GROUPCLIP_TAIL_GRAPHS`: "auto" (the default) times a few steps with and without them and keeps them only where
+they make the loop faster (`groupclip.tail_trial`); on (1) or off (0) forces.
 
 Layers: Linear (and transformers' Conv1D) and LayerNorm. The clip tail of a Linear layer launches about six kernels
 from Python; on an H100's host that took 410 µs for 560 µs of GPU work (ViT-base fc1, bf16; `benchmarks/NOTES.md`).
@@ -18,8 +20,8 @@ input's Gram instead of sharing it: equal up to float32 rounding).
 
 What a captured tail must not read: values cached outside it. It runs with the tensor memos off, the per-use cache
 as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
-own; the reader still counts as arrived). Each graph keeps its results' buffers (the size of its layer's parameters,
-float32) for as long as the engine lives; all graphs share one memory pool for their intermediates.
+own; the reader still counts as arrived). A layer's graphs keep one set of result buffers between them (the size of
+its parameters, float32) for as long as they live; all graphs share one memory pool for their intermediates.
 """
 
 from __future__ import annotations
@@ -49,8 +51,24 @@ SEEN_PER_SLOT = 4
 MAX_CAPTURES = 8
 
 
-def enabled() -> bool:
-    return os.environ.get("GROUPCLIP_TAIL_GRAPHS", "0").lower() in ("1", "on", "true", "yes")
+MODES = ("auto", "on", "off")
+
+
+def mode(arg: bool | str | None = None) -> str:
+    """"auto", "on" or "off" from the engine's argument, or where it is None from `GROUPCLIP_TAIL_GRAPHS`."""
+    if isinstance(arg, bool):
+        return "on" if arg else "off"
+    source = "tail_graphs"
+    if arg is None:
+        arg, source = os.environ.get("GROUPCLIP_TAIL_GRAPHS", "auto"), "GROUPCLIP_TAIL_GRAPHS"
+    v = str(arg).strip().lower()
+    if v in ("1", "on", "true", "yes"):
+        return "on"
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    if v in ("auto", ""):
+        return "auto"
+    raise ValueError(f"{source}={arg!r}: use True / 1 (on), False / 0 (off) or 'auto'")
 
 
 class _Slot:
@@ -66,7 +84,8 @@ class _Slot:
 class TailGraphs:
     """The captured tails of one engine, by (call plan, group)."""
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        self.active = active  # whether the clipper uses them now (`groupclip.tail_trial` switches it in "auto")
         self._slots: dict[tuple, _Slot] = {}
         self._pool = None  # the memory pool all graphs share
         self._broken = False
@@ -142,7 +161,7 @@ class TailGraphs:
                 _reset(use, before)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 capturing = True
-                outs = tail()
+                outs = _into_slot_buffers(tail(), slot)
                 capturing = False
                 graph.capture_end()
             current.wait_stream(side)
@@ -165,6 +184,19 @@ class TailGraphs:
         slot.seen.remove(key)
         self.captures += 1
         return self._replay(graph, outs)
+
+
+def _into_slot_buffers(outs: list[torch.Tensor], slot: _Slot) -> list[torch.Tensor]:
+    """Inside a capture: the results copied into the buffers of the slot's other graph where it has one of the same
+    shapes and dtypes (the copy is part of the graph), so a layer's graphs keep one set of result buffers (the size
+    of its parameters) between them; the capture's own results become scratch memory of the pool."""
+    for _, _, bufs in slot.graphs:
+        if len(bufs) == len(outs) and all(b.shape == o.shape and b.dtype == o.dtype and b.device == o.device
+                                          for b, o in zip(bufs, outs, strict=True)):
+            for b, o in zip(bufs, outs, strict=True):
+                b.copy_(o)
+            return bufs
+    return outs
 
 
 def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:

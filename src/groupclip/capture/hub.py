@@ -62,12 +62,14 @@ class CaptureHub:
         group_of: dict[int, int],
         on_group: Callable[[int, list[Use]], None],
         on_wait: Callable[[Use, tuple[str, ...]], None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.units = units
         self.group_of = group_of  # id(param) -> group index
         self.on_group = on_group
         self.on_wait = on_wait  # called for a use whose group must wait for later uses
+        self.on_end = on_end  # called at the end of each backward pass, after its last groups
         # the current step: held strongly while a forward of the model runs, then only by the autograd graph
         # its forward built (ctx.state of LayerFn / Tap), so a step whose graph is dropped without backward
         # (an out-of-memory error in the loss, say) disappears instead of being joined by the next forward
@@ -362,3 +364,5 @@ class CaptureHub:
                 self._finish(st, g)
             if self.state is st:
                 self.state = None
+        if self.on_end is not None:
+            self.on_end()

@@ -1,0 +1,116 @@
+"""Whether clip-tail graphs pay off in this loop: a few steps timed with and without them, then kept or dropped.
+
+Clip-tail graphs (`groupclip.tails`) cut the host time of every layer-wise Linear / LayerNorm layer's clip tail
+(~410 µs → ~35 µs a layer on an H100's host) at the price of result buffers the size of the parameters and a few
+percent of memory. They make a host-bound loop (ViT-base under bf16 autocast: 0.58× → ~0.9× non-private speed)
+much faster and a GPU-bound one a point slower. `tail_graphs="auto"` (the default) decides by measurement:
+
+1. `WARM_STEPS` backward passes run eagerly (Triton compiles, the allocator settles);
+2. the end of the next pass starts the clock; the `TIMED_STEPS` after it are timed eagerly;
+3. the graphs are switched on; `SETTLE_STEPS` steps let the tails' keys repeat and get captured (the last one's
+   end starts the clock again);
+4. the next `TIMED_STEPS` steps are timed with the graphs;
+5. the graphs stay on if those steps took at least `MIN_GAIN` less time per sample (and tails were replayed);
+   otherwise they are dropped with their memory. The decision is logged (INFO) and kept for the engine's life.
+
+A step's time is the GPU time between the ends of two consecutive backward passes (CUDA events on the stream of
+the gradients), i.e. the loop's real period whether the host or the GPU is the slower, per sample of the later
+pass. The last mark is waited for once, when the decision is made. Nothing here changes what is computed: a
+replayed tail runs the same kernels on the same tensors as the eager one (`groupclip.tails`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+import torch
+
+from groupclip.tails import TailGraphs
+
+log = logging.getLogger(__name__)
+
+WARM_STEPS = 2
+TIMED_STEPS = 3
+#: a loop alternating between two sets of addresses sees each key at steps 1 and 2, captures at 3 and 4
+SETTLE_STEPS = 4
+MIN_GAIN = 0.03
+
+
+class TailTrial:
+    """The measurement that decides `tail_graphs="auto"` for one engine. Switches `tails.active` itself."""
+
+    def __init__(self, tails: TailGraphs) -> None:
+        self.tails = tails
+        self.samples = 0  # batch size of a layer-wise tail on a CUDA tensor in the current backward pass, or 0
+        self.device: torch.device | None = None
+        self._passes = 0  # backward passes counted so far
+        self._marks: list[tuple[object, int]] = []  # (mark at a pass's end, that pass's samples)
+        self._off: float | None = None  # ms a sample without the graphs
+        self._on_from = 0  # first pass whose end is marked with the graphs on
+        self._replays = 0  # tails.replays when the timed steps with the graphs began
+        self.report: dict | None = None
+
+    def saw(self, use) -> None:
+        """A layer-wise clip tail ran (or could have run) for `use` in this pass."""
+        g = use.grad_out
+        if isinstance(g, torch.Tensor) and g.is_cuda:
+            self.samples, self.device = use.batch_size, g.device
+
+    def end_of_backward(self) -> bool | None:
+        """Called at the end of each backward pass; True / False (keep the graphs or not) once decided."""
+        samples, self.samples = self.samples, 0
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # a pass captured by `engine.graphed_backward`: its tails are never graphed
+        if samples == 0:  # no layer-wise tail on a GPU in this pass: nothing to graph
+            return self._decide(None, None, "no layer-wise clip tail on a CUDA device")
+        self._passes += 1
+        if self._passes <= WARM_STEPS:
+            return None
+        if self._off is None:
+            self._marks.append((self._mark(), samples))
+            if len(self._marks) > TIMED_STEPS:
+                self._off, self._marks = self._per_sample(), []
+                self.tails.active = True
+                self._on_from = self._passes + SETTLE_STEPS
+            return None
+        if self._passes < self._on_from:
+            return None
+        if not self._marks:
+            self._replays = self.tails.replays
+        self._marks.append((self._mark(), samples))
+        if len(self._marks) <= TIMED_STEPS:
+            return None
+        on = self._per_sample()
+        if self.tails.replays == self._replays:
+            return self._decide(self._off, on, "no tail was replayed (the tensors never came back at one address)")
+        if on > (1 - MIN_GAIN) * self._off:
+            return self._decide(self._off, on, f"less than {MIN_GAIN:.0%} faster")
+        return self._decide(self._off, on, None)
+
+    def _decide(self, off: float | None, on: float | None, why_not: str | None) -> bool:
+        keep = why_not is None
+        self.tails.active = keep
+        self.report = {"kept": keep, "ms_per_sample_without": off, "ms_per_sample_with": on,
+                       "reason": why_not or "faster"}
+        if off is None:
+            log.debug("groupclip: clip-tail graphs off: %s", why_not)
+        else:
+            log.info("groupclip: clip-tail graphs %s: %.4g ms a sample with them, %.4g without (%s)",
+                     "kept" if keep else "dropped", on, off, why_not or "faster")
+        return keep
+
+    def _mark(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    @staticmethod
+    def _elapsed_ms(a, b) -> float:
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    def _per_sample(self) -> float:
+        """Median over the marked steps of (time since the previous mark) / samples."""
+        m = self._marks
+        return statistics.median(self._elapsed_ms(m[i - 1][0], m[i][0]) / m[i][1] for i in range(1, len(m)))

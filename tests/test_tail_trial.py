@@ -1,0 +1,147 @@
+"""`tail_graphs="auto"`: the trial that times steps without and with clip-tail graphs and keeps them only when faster
+(`groupclip.tail_trial`), with a fake clock; the mode switch; the engine wiring on the CPU (no CUDA: decided off)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import groupclip
+from groupclip import tail_trial, tails
+from groupclip.tail_trial import TailTrial
+
+
+class _Tails:  # what the trial touches of TailGraphs
+    def __init__(self):
+        self.active = False
+        self.replays = 0
+
+
+class _Use:
+    def __init__(self, batch):
+        self.batch_size = batch
+        self.grad_out = torch.empty(0, device="meta")  # stands for a CUDA tensor (see _Trial.saw)
+
+
+class _Trial(TailTrial):
+    """The trial on a fake clock: `advance(ms)` is one step's time; marks read the clock."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.now = 0.0
+
+    def saw(self, use):
+        self.samples = use.batch_size
+
+    def _mark(self):
+        return self.now
+
+    @staticmethod
+    def _elapsed_ms(a, b):
+        return b - a
+
+
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=40):
+    """Backward passes until the trial decides: (decision, passes, tails.active before each pass's end)."""
+    active = []
+    for i in range(1, limit + 1):
+        active.append(trial.tails.active)
+        trial.now += step_ms(trial.tails.active, i)
+        trial.saw(_Use(batch(i) if callable(batch) else batch))
+        if trial.tails.active:
+            trial.tails.replays += replays_per_step
+        keep = trial.end_of_backward()
+        if keep is not None:
+            return keep, i, active
+    raise AssertionError("no decision")
+
+
+def _off_passes():
+    """Passes before the graphs go on: the warm-up, the pass whose end starts the clock, the timed ones."""
+    return tail_trial.WARM_STEPS + 1 + tail_trial.TIMED_STEPS
+
+
+def _passes_to_decision():
+    return _off_passes() + tail_trial.SETTLE_STEPS + tail_trial.TIMED_STEPS
+
+
+def test_host_bound_loop_keeps_the_graphs():
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0)
+    assert keep is True and trial.tails.active
+    assert passes == _passes_to_decision()
+    assert not any(active[:_off_passes()]) and all(active[_off_passes():])  # off while timed without, on after
+    assert trial.report["ms_per_sample_without"] == pytest.approx(100 / 8)
+    assert trial.report["ms_per_sample_with"] == pytest.approx(60 / 8)
+
+
+def test_gpu_bound_loop_drops_them():
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 99.0 if on else 100.0)  # 1%: under MIN_GAIN
+    assert keep is False and not trial.tails.active
+    assert "faster" in trial.report["reason"]
+
+
+def test_the_settling_steps_are_not_timed():
+    # captures make the first steps with the graphs slow; only the steps after them count
+    slow = set(range(_off_passes() + 1, _off_passes() + 1 + tail_trial.SETTLE_STEPS))
+    keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if i in slow else (60.0 if on else 100.0))
+    assert keep is True
+
+
+def test_median_ignores_one_outlier_step():
+    off_first = tail_trial.WARM_STEPS + 2  # the first timed step without the graphs
+    keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 1.0 if i == off_first else (60.0 if on else 100.0))
+    assert keep is True
+
+
+def test_time_is_per_sample():
+    # steps with the graphs are faster but process half the samples: slower per sample
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, batch=lambda i: 8 if i <= _off_passes() else 4)
+    assert keep is False
+    assert trial.report["ms_per_sample_with"] == pytest.approx(15.0)
+
+
+def test_no_replay_drops_them_even_when_faster():
+    keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 60.0 if on else 100.0, replays_per_step=0)
+    assert keep is False
+
+
+def test_a_pass_without_gpu_tails_decides_off_at_once():
+    trial = _Trial(_Tails())
+    assert trial.end_of_backward() is False  # nothing seen in this pass
+    assert trial.report["kept"] is False and "CUDA" in trial.report["reason"]
+
+
+def test_mode(monkeypatch):
+    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
+    assert tails.mode(None) == "auto"
+    assert (tails.mode(True), tails.mode(False), tails.mode("auto"), tails.mode("ON")) == ("on", "off", "auto", "on")
+    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "0")
+    assert tails.mode(None) == "off" and tails.mode(True) == "on"  # the argument wins
+    monkeypatch.setenv("GROUPCLIP_TAIL_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="GROUPCLIP_TAIL_GRAPHS"):
+        tails.mode(None)
+    with pytest.raises(ValueError, match="tail_graphs"):
+        tails.mode("maybe")
+
+
+def test_engine_on_the_cpu_decides_off_after_the_first_backward(monkeypatch):
+    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not private")
+        eng = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0,
+                                      groups="layer-wise", seed=0)
+    clipper = eng.clipper
+    assert clipper.tail_trial is not None and not clipper.tails.active
+    model(torch.randn(4, 6)).square().mean().backward()
+    assert clipper.tail_trial is None and clipper.tails is None
+    assert clipper.tail_report["kept"] is False
+    assert all(p.grad is not None for p in model.parameters())
