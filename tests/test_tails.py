@@ -42,11 +42,11 @@ def _fake_capture(tg: TailGraphs, log: list):
     def capture(slot, key, tail, use):
         slot.captures += 1
         del slot.graphs[tails.GRAPHS_PER_SLOT - 1:]
-        outs = tail()
-        slot.graphs.insert(0, (key, _FakeGraph(), outs))
+        res = tails._results(tail(), slot)
+        slot.graphs.insert(0, (key, _FakeGraph(), res))
         slot.seen.remove(key)
         log.append(key)
-        return [o.clone() for o in outs]
+        return res.copies()
 
     tg._capture = capture
 
@@ -96,16 +96,27 @@ def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
     assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is None  # after a failed capture: all eager
 
 
-def test_a_slots_second_graph_writes_into_the_first_ones_buffers():
+def test_results_one_flat_buffer_shared_by_a_slots_graphs():
     slot = tails._Slot()
-    first = [torch.zeros(3, 2), torch.zeros(2)]
-    assert tails._into_slot_buffers(first, slot) is first  # no graph yet: its own results are the buffers
-    slot.graphs.append((("k1",), _FakeGraph(), first))
+    first = [torch.randn(3, 2), torch.randn(2)]
+    res = tails._results(first, slot)  # no graph yet: a new flat buffer
+    assert res.flat is not None and res.flat.numel() == 8
+    w, b = res.copies()
+    assert torch.equal(w, first[0]) and torch.equal(b, first[1])
+    assert w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != res.flat.data_ptr()  # one copy
+    assert w.is_contiguous() and b.is_contiguous()
+    slot.graphs.append((("k1",), _FakeGraph(), res))
     second = [torch.randn(3, 2), torch.randn(2)]
-    got = tails._into_slot_buffers(second, slot)
-    assert got is first and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert tails._results(second, slot) is res  # written into the first graph's buffer
+    w, b = res.copies()
+    assert torch.equal(w, second[0]) and torch.equal(b, second[1])
     other = [torch.randn(3, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]  # other dtypes
-    assert tails._into_slot_buffers(other, slot) is other
+    assert tails._results(other, slot) is not res
+    mixed = [torch.randn(2), torch.randn(2, dtype=torch.float64)]  # no common dtype: the results themselves
+    res = tails._results(mixed, slot)
+    assert res.flat is None and res.outs is mixed
+    copies = res.copies()
+    assert all(torch.equal(c, m) and c is not m for c, m in zip(copies, mixed, strict=True))
 
 
 def test_replay_and_capture_leave_the_shared_input_without_reading_or_keeping_tiles():
@@ -220,8 +231,8 @@ def test_graphed_tails_equal_the_eager_engine(autocast):
     _compare_steps((ref_model, ref_opt), model, opt, batches, autocast)
     tg = eng.clipper.tails
     assert tg.captures >= 7 and tg.replays > tg.captures, (tg.captures, tg.replays)
-    for slot in tg._slots.values():  # a layer's graphs share one set of result buffers
-        assert all(outs is slot.graphs[0][2] for _, _, outs in slot.graphs)
+    for slot in tg._slots.values():  # a layer's graphs share one result buffer
+        assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res in slot.graphs)
 
 
 @cuda

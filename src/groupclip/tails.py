@@ -13,15 +13,16 @@ same key again (addresses, shapes, strides and dtypes of every tensor the tail r
 and output gradient, LayerNorm's per-sample gradients from its fused backward; the batch size, the parameters'
 dtypes, the group's threshold and every clipping setting, the TF32 switch, whether the Triton kernels are on), the
 tail is captured as a CUDA graph; from then on, whenever the key matches again, the graph is replayed (~5 µs) and
-its results are copied out (~30 µs for both copies). A replay reads whatever the tensors at those addresses hold
-now, which the key proves to be this step's input and output gradient of this layer; anything else runs eagerly, as
-without this module. The results are the same kernels' results on the same inputs (q, k and v recompute their
-input's Gram instead of sharing it: equal up to float32 rounding).
+its results, which the graph gathers into one flat buffer, are copied out at once (p.grad of the layer's parameters
+are views of that copy). A replay reads whatever the tensors at those addresses hold now, which the key proves to be
+this step's input and output gradient of this layer; anything else runs eagerly, as without this module. The results
+are the same kernels' results on the same inputs (q, k and v recompute their input's Gram instead of sharing it:
+equal up to float32 rounding).
 
 What a captured tail must not read: values cached outside it. It runs with the tensor memos off, the per-use cache
 as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
-own; the reader still counts as arrived). A layer's graphs keep one set of result buffers between them (the size of
-its parameters, float32) for as long as they live; all graphs share one memory pool for their intermediates.
+own; the reader still counts as arrived). A layer's graphs keep one result buffer between them (the size of its
+parameters, float32) for as long as they live; all graphs share one memory pool for their intermediates.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class _Slot:
     def __init__(self) -> None:
         self.seen: list[tuple] = []  # keys of recent eager runs, newest first
         # (key, graph, its result buffers), most recently used first
-        self.graphs: list[tuple[tuple, torch.cuda.CUDAGraph, list[torch.Tensor]]] = []
+        self.graphs: list[tuple[tuple, torch.cuda.CUDAGraph, _Results]] = []
         self.captures = 0
 
 
@@ -123,12 +124,12 @@ class TailGraphs:
         if slot is None:
             slot = self._slots[slot_id] = _Slot()
         graphs = slot.graphs
-        for i, (gkey, graph, outs) in enumerate(graphs):
+        for i, (gkey, graph, res) in enumerate(graphs):
             if gkey == key:
                 if i:
                     graphs.insert(0, graphs.pop(i))
                 _own_gram(use)
-                return self._replay(graph, outs)
+                return self._replay(graph, res)
         seen = key in slot.seen
         if not seen or slot.captures >= MAX_CAPTURES:
             if not seen:
@@ -137,11 +138,11 @@ class TailGraphs:
             return None
         return self._capture(slot, key, tail, use)
 
-    def _replay(self, graph: torch.cuda.CUDAGraph, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results) -> list[torch.Tensor]:
         """Run the graph on the current stream; copies of its results (its buffers are rewritten next replay)."""
         graph.replay()
         self.replays += 1
-        return [o.clone() for o in outs]
+        return res.copies()
 
     def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]],
                  use: Use) -> list[torch.Tensor] | None:
@@ -161,7 +162,7 @@ class TailGraphs:
                 _reset(use, before)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 capturing = True
-                outs = _into_slot_buffers(tail(), slot)
+                res = _results(tail(), slot)
                 capturing = False
                 graph.capture_end()
             current.wait_stream(side)
@@ -180,23 +181,60 @@ class TailGraphs:
         _reset(use, before)
         if self._pool is None:
             self._pool = graph.pool()
-        slot.graphs.insert(0, (key, graph, outs))
+        slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         self.captures += 1
-        return self._replay(graph, outs)
+        return self._replay(graph, res)
 
 
-def _into_slot_buffers(outs: list[torch.Tensor], slot: _Slot) -> list[torch.Tensor]:
-    """Inside a capture: the results copied into the buffers of the slot's other graph where it has one of the same
-    shapes and dtypes (the copy is part of the graph), so a layer's graphs keep one set of result buffers (the size
-    of its parameters) between them; the capture's own results become scratch memory of the pool."""
-    for _, _, bufs in slot.graphs:
-        if len(bufs) == len(outs) and all(b.shape == o.shape and b.dtype == o.dtype and b.device == o.device
-                                          for b, o in zip(bufs, outs, strict=True)):
-            for b, o in zip(bufs, outs, strict=True):
+class _Results:
+    """Where a graph leaves its results: one flat buffer holding them all (one copy out per replay instead of one
+    per result), or, where they differ in dtype or device, the results themselves."""
+
+    __slots__ = ("flat", "places", "outs")
+
+    def __init__(self, outs: list[torch.Tensor]) -> None:
+        self.outs = outs
+        self.flat = None
+        self.places: list[tuple[int, int, torch.Size]] = []
+        if outs and all(o.dtype == outs[0].dtype and o.device == outs[0].device for o in outs):
+            start = 0
+            for o in outs:
+                self.places.append((start, start + o.numel(), o.shape))
+                start += o.numel()
+            self.flat = torch.empty(start, dtype=outs[0].dtype, device=outs[0].device)
+            self.write(outs)
+
+    def fits(self, outs: list[torch.Tensor]) -> bool:
+        return len(outs) == len(self.outs) and all(
+            b.shape == o.shape and b.dtype == o.dtype and b.device == o.device
+            for b, o in zip(self.outs, outs, strict=True))
+
+    def write(self, outs: list[torch.Tensor]) -> None:
+        if self.flat is not None:
+            torch.cat([o.reshape(-1) for o in outs], out=self.flat)
+        else:
+            for b, o in zip(self.outs, outs, strict=True):
                 b.copy_(o)
-            return bufs
-    return outs
+
+    def copies(self) -> list[torch.Tensor]:
+        """The results as new tensors (the graph rewrites its buffers at its next replay): views of one copy."""
+        if self.flat is None:
+            return [o.clone() for o in self.outs]
+        flat = self.flat.clone()
+        return [flat[a:b].view(shape) for a, b, shape in self.places]
+
+
+def _results(outs: list[torch.Tensor], slot: _Slot) -> _Results:
+    """Inside a capture: the place of the new graph's results. Where another graph of the slot has results of the same
+    shapes and dtypes, they are copied into its buffers (the copy is part of the graph), so a layer's graphs keep one
+    buffer (the size of its parameters) between them; the capture's own results become scratch memory of the
+    pool. Otherwise they are copied into a new flat buffer."""
+    for _, _, res in slot.graphs:
+        if res.fits(outs):
+            res.write(outs)
+            return res
+    return _Results(outs)
 
 
 def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
