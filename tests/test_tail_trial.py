@@ -27,14 +27,17 @@ class _Use:
 
 
 class _Trial(TailTrial):
-    """The trial on a fake clock: `advance(ms)` is one step's time; marks read the clock."""
+    """The trial on fake clocks: `now` (GPU, ms) is what its marks read, `host` (ms) its host clock."""
 
     def __init__(self, t):
         super().__init__(t)
-        self.now = 0.0
+        self.now = self.host = 0.0
 
     def saw(self, use):
-        self.samples = use.batch_size
+        self.samples, self.device = use.batch_size, "a GPU"
+
+    def _clock(self):
+        return self.host / 1e3
 
     def _mark(self):
         return self.now
@@ -44,12 +47,16 @@ class _Trial(TailTrial):
         return b - a
 
 
-def _run(trial, step_ms, batch=8, replays_per_step=1, limit=40):
-    """Backward passes until the trial decides: (decision, passes, tails.active before each pass's end)."""
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=40, host_share=1.0):
+    """Backward passes until the trial decides: (decision, passes, tails.active before each pass's end). Each pass
+    takes step_ms of GPU time and host_share of that of host time (1: host-bound)."""
     active = []
     for i in range(1, limit + 1):
         active.append(trial.tails.active)
-        trial.now += step_ms(trial.tails.active, i)
+        trial.begin_of_backward()
+        ms = step_ms(trial.tails.active, i)
+        trial.now += ms
+        trial.host += host_share * ms
         trial.saw(_Use(batch(i) if callable(batch) else batch))
         if trial.tails.active:
             trial.tails.replays += replays_per_step
@@ -83,6 +90,14 @@ def test_gpu_bound_loop_drops_them():
     keep, _, _ = _run(trial, lambda on, i: 99.0 if on else 100.0)  # 1%: under MIN_GAIN
     assert keep is False and not trial.tails.active
     assert "faster" in trial.report["reason"]
+
+
+def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.6)
+    assert keep is False and passes == _off_passes() and not any(active) and not trial.tails.active
+    assert "GPU-bound" in trial.report["reason"] and "60%" in trial.report["reason"]
+    assert trial.report["ms_per_sample_with"] is None
 
 
 def test_the_settling_steps_are_not_timed():

@@ -218,6 +218,11 @@ class Clipper:
         for n, s in zip(names, self._tail(k, u, names), strict=True):
             _add_grad(u.unit.params[n], s)
 
+    def begin_of_backward(self) -> None:
+        """Called by the hub when a backward pass reaches its first use (the tail-graph trial times the pass)."""
+        if self.tail_trial is not None:
+            self.tail_trial.begin_of_backward()
+
     def end_of_backward(self) -> None:
         """Called by the hub after each backward pass: advances the tail-graph trial, drops the graphs if it
         decides against them."""

@@ -6,7 +6,10 @@ percent of memory. They make a host-bound loop (ViT-base under bf16 autocast: 0.
 much faster and a GPU-bound one a point slower. `tail_graphs="auto"` (the default) decides by measurement:
 
 1. `WARM_STEPS` backward passes run eagerly (Triton compiles, the allocator settles);
-2. the end of the next pass starts the clock; the `TIMED_STEPS` after it are timed eagerly;
+2. the end of the next pass starts the clock; the `TIMED_STEPS` after it are timed eagerly. Each of these backward
+   passes also compares its host time (first clipped layer to the end) with its GPU time (CUDA events): where the
+   host took less than `HOST_SHARE` of it, the GPU is the slower and the graphs cannot help: they stay off, and
+   the loop never pays their memory;
 3. the graphs are switched on; `SETTLE_STEPS` steps let the tails' keys repeat and get captured (the last one's
    end starts the clock again);
 4. the next `TIMED_STEPS` steps are timed with the graphs;
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 
 import torch
 
@@ -35,6 +39,8 @@ TIMED_STEPS = 3
 #: a loop alternating between two sets of addresses sees each key at steps 1 and 2, captures at 3 and 4
 SETTLE_STEPS = 4
 MIN_GAIN = 0.03
+#: a backward pass whose host time is below this share of its GPU time is GPU-bound
+HOST_SHARE = 0.8
 
 
 class TailTrial:
@@ -49,7 +55,15 @@ class TailTrial:
         self._off: float | None = None  # ms a sample without the graphs
         self._on_from = 0  # first pass whose end is marked with the graphs on
         self._replays = 0  # tails.replays when the timed steps with the graphs began
+        self._begin: tuple[object, float] | None = None  # (mark, host clock) at the start of this backward pass
+        self._spans: list[tuple[object, object, float]] = []  # (begin mark, end mark, host ms) of timed passes
         self.report: dict | None = None
+
+    def begin_of_backward(self) -> None:
+        """Called when a backward pass reaches its first clipped layer."""
+        self._begin = None
+        if self._off is None and self.device is not None and self._passes >= WARM_STEPS and not _capturing():
+            self._begin = (self._mark(), self._clock())
 
     def saw(self, use) -> None:
         """A layer-wise clip tail ran (or could have run) for `use` in this pass."""
@@ -60,7 +74,8 @@ class TailTrial:
     def end_of_backward(self) -> bool | None:
         """Called at the end of each backward pass; True / False (keep the graphs or not) once decided."""
         samples, self.samples = self.samples, 0
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        begin, self._begin = self._begin, None
+        if _capturing():
             return None  # a pass captured by `engine.graphed_backward`: its tails are never graphed
         if samples == 0:  # no layer-wise tail on a GPU in this pass: nothing to graph
             return self._decide(None, None, "no layer-wise clip tail on a CUDA device")
@@ -68,9 +83,16 @@ class TailTrial:
         if self._passes <= WARM_STEPS:
             return None
         if self._off is None:
-            self._marks.append((self._mark(), samples))
+            end = self._mark()
+            self._marks.append((end, samples))
+            if begin is not None:
+                self._spans.append((begin[0], end, (self._clock() - begin[1]) * 1e3))
             if len(self._marks) > TIMED_STEPS:
                 self._off, self._marks = self._per_sample(), []
+                share = self._host_share()
+                if share is not None and share < HOST_SHARE:
+                    return self._decide(self._off, None, f"GPU-bound: a backward pass's host time is {share:.0%} of "
+                                                         "its GPU time")
                 self.tails.active = True
                 self._on_from = self._passes + SETTLE_STEPS
             return None
@@ -95,10 +117,22 @@ class TailTrial:
                        "reason": why_not or "faster"}
         if off is None:
             log.debug("groupclip: clip-tail graphs off: %s", why_not)
+        elif on is None:
+            log.info("groupclip: clip-tail graphs off: %s (%.4g ms a sample)", why_not, off)
         else:
             log.info("groupclip: clip-tail graphs %s: %.4g ms a sample with them, %.4g without (%s)",
                      "kept" if keep else "dropped", on, off, why_not or "faster")
         return keep
+
+    def _host_share(self) -> float | None:
+        """Median over the timed passes of host time / GPU time of the backward pass, or None if none was timed."""
+        spans, self._spans = self._spans, []
+        shares = [host / gpu for a, b, host in spans if (gpu := self._elapsed_ms(a, b)) > 0]
+        return statistics.median(shares) if shares else None
+
+    @staticmethod
+    def _clock() -> float:
+        return time.perf_counter()
 
     def _mark(self):
         ev = torch.cuda.Event(enable_timing=True)
@@ -114,3 +148,7 @@ class TailTrial:
         """Median over the marked steps of (time since the previous mark) / samples."""
         m = self._marks
         return statistics.median(self._elapsed_ms(m[i - 1][0], m[i][0]) / m[i][1] for i in range(1, len(m)))
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -63,6 +63,7 @@ class CaptureHub:
         on_group: Callable[[int, list[Use]], None],
         on_wait: Callable[[Use, tuple[str, ...]], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        on_begin: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.units = units
@@ -70,6 +71,7 @@ class CaptureHub:
         self.on_group = on_group
         self.on_wait = on_wait  # called for a use whose group must wait for later uses
         self.on_end = on_end  # called at the end of each backward pass, after its last groups
+        self.on_begin = on_begin  # called when a backward pass reaches its first use
         # the current step: held strongly while a forward of the model runs, then only by the autograd graph
         # its forward built (ctx.state of LayerFn / Tap), so a step whose graph is dropped without backward
         # (an out-of-memory error in the loss, say) disappears instead of being joined by the next forward
@@ -335,6 +337,8 @@ class CaptureHub:
             self._callback_queued = True
             self._callback_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if self.on_begin is not None:
+                self.on_begin()
         if st not in self._pending:
             self._pending.append(st)
         rule = use.unit.rule
