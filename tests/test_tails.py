@@ -39,14 +39,14 @@ class _FakeGraph:
 
 
 def _fake_capture(tg: TailGraphs, log: list):
-    def capture(slot, key, tail, use):
+    def capture(slot, key, tail, uses, own_gram, copy):
         slot.captures += 1
         del slot.graphs[tails.GRAPHS_PER_SLOT - 1:]
         res = tails._results(tail(), slot)
         slot.graphs.insert(0, (key, _FakeGraph(), res))
         slot.seen.remove(key)
         log.append(key)
-        return res.copies()
+        return res.copies() if copy else res.views()
 
     tg._capture = capture
 
@@ -60,7 +60,7 @@ def test_run_policy_capture_when_a_key_comes_back_then_replay():
     tg, captured = TailGraphs(), []
     _fake_capture(tg, captured)
     out = torch.arange(3.0)
-    tail, use, slot = (lambda: [out]), _Use(), ("plan", 0)
+    tail, use, slot = (lambda: [out]), (_Use(),), ("plan", 0)
     assert tg.run(slot, ("k1",), tail, use) is None  # first sighting: eager
     got = tg.run(slot, ("k1",), tail, use)  # the same key again: captured (and its result returned)
     assert captured == [("k1",)] and torch.equal(got[0], out) and got[0] is not out
@@ -84,7 +84,7 @@ def test_run_policy_capture_when_a_key_comes_back_then_replay():
 def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
     tg, captured = TailGraphs(), []
     _fake_capture(tg, captured)
-    tail, use, slot = (lambda: [torch.ones(2)]), _Use(), ("plan", 0)
+    tail, use, slot = (lambda: [torch.ones(2)]), (_Use(),), ("plan", 0)
     for i in range(tails.MAX_CAPTURES):
         assert tg.run(slot, (i,), tail, use) is None
         assert tg.run(slot, (i,), tail, use) is not None
@@ -124,7 +124,7 @@ def test_replay_and_capture_leave_the_shared_input_without_reading_or_keeping_ti
     shared.readers = 3
     use = _Use()
     use.extra["input"] = shared
-    tails._own_gram(use)
+    tails._own_gram([use])
     assert "input" not in use.extra and shared.arrived == 1 and shared.tiles is None
     a = torch.randn(2, 3, 4)
     tiles, keep = shared.arrive(a)  # the second reader keeps tiles for the third
@@ -194,6 +194,49 @@ def test_switch(monkeypatch):
     assert eng.clipper.tails._slots == {}
 
 
+class EmbedNet(nn.Module):
+    """An embedding (its sum is not graphed), then QKV's layers (theirs are)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.emb = nn.Embedding(50, 12)
+        self.body = QKV(d)
+
+    def forward(self, ids):
+        return self.body(self.emb(ids))
+
+
+def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(monkeypatch):
+    """The bookkeeping of all-layer clipping's graphs on the CPU (each waiting layer's norm, then the group's sums):
+    `run` stands in for a graph by running the tail it is given, so the gradients must equal the eager engine's; the
+    embedding's norm and sum stay outside."""
+    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
+    calls = []
+
+    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True):
+        calls.append((slot_id, [u.unit.label() for u in uses], own_gram, key))
+        return tail()
+
+    monkeypatch.setattr(TailGraphs, "run", run)
+    torch.manual_seed(0)
+    ref = EmbedNet()
+    model = copy.deepcopy(ref)
+    ref_eng, ref_opt = _engine(ref, groups="all-layer", tail_graphs=False)
+    eng, opt = _engine(model, groups="all-layer", tail_graphs=True)
+    ids = torch.randint(0, 50, (8, 5))
+    for m in (ref, model):
+        m(ids).square().mean().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=n)
+    norms = [c for c in calls if c[0][0] == "norm"]
+    groups = [c for c in calls if c[0][0] == "group"]
+    assert len(norms) == 7 and len(groups) == 1  # every waiting layer but the embedding; the sums once
+    assert all(own_gram for _, _, own_gram, _ in norms)
+    slot_id, labels, own_gram, key = groups[0]
+    assert slot_id == ("group", 0) and not own_gram and key is not None
+    assert not any("emb" in lb for lb in labels) and len(labels) == 14  # 7 layers x (weight, bias)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -261,3 +304,19 @@ def test_auto_mode_decides_and_stays_equal_to_the_eager_engine():
     assert clipper.tail_trial is None and clipper.tail_report is not None, "no decision after 24 steps"
     assert (clipper.tails is not None) == clipper.tail_report["kept"]
     assert clipper.tail_report["ms_per_sample_without"] > 0 and clipper.tail_report["ms_per_sample_with"] > 0
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_all_layer_sums_graph_equals_the_eager_engine(autocast):
+    torch.manual_seed(0)
+    ref_model = QKV().cuda()
+    model = copy.deepcopy(ref_model)
+    ref_opt = _engine(ref_model, groups="all-layer", tail_graphs=False)[1]
+    eng, opt = _engine(model, groups="all-layer", tail_graphs=True)
+    gen = torch.Generator("cuda").manual_seed(3)
+    batches = (torch.randn(8, 160, 12, device="cuda", generator=gen) for _ in range(8))
+    _compare_steps((ref_model, ref_opt), model, opt, batches, autocast)
+    tg = eng.clipper.tails
+    assert tg.captures >= 1 and tg.replays >= 4, (tg.captures, tg.replays)
+    assert ("group", 0) in tg._slots and any(slot[0] == "norm" for slot in tg._slots)

@@ -175,14 +175,50 @@ class Clipper:
             else:
                 dt = acc_dtype(*vecs)
                 parts.append((torch.stack([v if v.dtype == dt else v.to(dt) for v in vecs], 1), True))
-        coef = self._coef(k, parts, batch)
+        coef, done = None, {}
+        tails = self.tails
+        if tails is not None and self.sample_mask is None:
+            if self.tail_trial is not None:
+                for u in uses:
+                    self.tail_trial.saw(u)
+            if tails.active:
+                graphed = self._graphed_sums(k, by_param, parts, batch)
+                if graphed is not None:
+                    coef, done = graphed
+        if coef is None:
+            coef = self._coef(k, parts, batch)
         with one_coefficient():
-            for p, pu in by_param.values():
-                total = None
-                for u, n in pu:
-                    g = u.unit.rule.clipped_sum(u, coef, n)
-                    total = g if total is None else total + g
+            for i, (p, pu) in by_param.items():
+                total = done.get(i)
+                if total is None:
+                    for u, n in pu:
+                        g = u.unit.rule.clipped_sum(u, coef, n)
+                        total = g if total is None else total + g
                 _add_grad(p, total)
+
+    def _graphed_sums(self, k: int, by_param: dict, parts: list[tuple[torch.Tensor, bool]],
+                      batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+        """The coefficient and the clipped sums of the group's single-use parameters from one CUDA graph
+        (`groupclip.tails`), as (coefficient, {id(param): sum}); None where none applies (all run eagerly)."""
+        singles = [(i, pu[0]) for i, (_, pu) in by_param.items() if len(pu) == 1]
+        key, taken = self.tails.group_key([e for _, e in singles], parts, self._tail_settings(k))
+        if key is None:
+            return None
+        chosen = [singles[j] for j in taken]
+
+        def tail() -> list[torch.Tensor]:
+            coef = self._coef(k, parts, batch)
+            with one_coefficient():
+                return [coef, *[u.unit.rule.clipped_sum(u, coef, n) for _, (u, n) in chosen]]
+
+        outs = self.tails.run(("group", k), key, tail, [u for _, (u, _) in chosen], own_gram=False)
+        if outs is None:
+            return None
+        return outs[0], {i: s for (i, _), s in zip(chosen, outs[1:], strict=True)}
+
+    def _tail_settings(self, k: int) -> tuple:
+        """Every clipping setting a graphed tail of group k bakes in."""
+        return (self.kind, self.groups.thresholds[k], self.batch_size, self.loss_reduction, self.gamma, self.psac_r)
 
     def _coef(self, k: int, parts: list[tuple[torch.Tensor, bool]], batch: int) -> torch.Tensor:
         # per-sample gradients of a mean-reduced loss arrive divided by the batch size: scale back
@@ -207,10 +243,9 @@ class Clipper:
             if self.tail_trial is not None:
                 self.tail_trial.saw(u)
             if tails.active:
-                key = tails.key(u, names, (self.kind, self.groups.thresholds[k], self.batch_size,
-                                           self.loss_reduction, self.gamma, self.psac_r))
+                key = tails.key(u, names, self._tail_settings(k))
                 if key is not None:
-                    sums = tails.run(slot, key, lambda: self._tail(k, u, names), u)
+                    sums = tails.run(slot, key, lambda: self._tail(k, u, names), (u,))
                     if sums is not None:
                         for n, s in zip(names, sums, strict=True):
                             _add_grad(u.unit.params[n], s)
@@ -247,12 +282,41 @@ class Clipper:
         clipped sum will not need (instantiated per-sample gradients; for rules with small cached per-sample
         gradients, the saved input and output gradient too) until the group completes."""
         rule = use.unit.rule
+        splits = self._split(use, names)
+        graphed = self._graphed_norm(use, splits) if self.tails is not None else None
         early = use.cache.setdefault("n2g", {})
-        for k, ns, members in self._split(use, names):
+        if graphed is not None:
+            early[splits[0][0]] = (graphed, splits[0][2])
+        for k, ns, members in splits:
             if k not in early:
                 early[k] = (clip_coef(rule.norm_parts(use, ns), "norm2"), members)
         use.cache.pop("G", None)
         rule.compact(use)
+
+    def _graphed_norm(self, use: Use, splits: tuple) -> torch.Tensor | None:
+        """A waiting use's squared norm (all its names in one group) from a CUDA graph (`groupclip.tails`), or None.
+        The graph's buffers are used in place: the group's sums read them later in the same backward pass, before
+        the next replay. Where the norm also computes the per-sample bias gradients ("gb", which the sums read), they
+        come out of the graph too."""
+        tails = self.tails
+        if not (tails.active and self.sample_mask is None and len(splits) == 1 and "n2g" not in use.cache):
+            return None
+        ns = splits[0][1]
+        key = tails.key(use, ns, ("norm2",))
+        if key is None:
+            return None
+
+        def tail() -> list[torch.Tensor]:
+            n2 = clip_coef(use.unit.rule.norm_parts(use, ns), "norm2")
+            gb = use.cache.get("gb")
+            return [n2] if gb is None else [n2, gb]
+
+        got = tails.run(("norm", use.plan, splits[0][0]), key, tail, (use,), copy=False)
+        if got is None:
+            return None
+        if len(got) == 2:
+            use.cache["gb"] = got[1]
+        return got[0]
 
     def _split(self, use: Use, names: tuple[str, ...]) -> tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]:
         """`names` of a use split by group, in order of first appearance."""

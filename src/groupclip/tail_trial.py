@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from groupclip.tails import TailGraphs
+from groupclip.tails import TailGraphs, capturing
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class TailTrial:
     def begin_of_backward(self) -> None:
         """Called when a backward pass reaches its first clipped layer."""
         self._begin = None
-        if self._off is None and self.device is not None and self._passes >= WARM_STEPS and not _capturing():
+        if self._off is None and self.device is not None and self._passes >= WARM_STEPS and not capturing():
             self._begin = (self._mark(), self._clock())
 
     def saw(self, use) -> None:
@@ -75,7 +75,7 @@ class TailTrial:
         """Called at the end of each backward pass; True / False (keep the graphs or not) once decided."""
         samples, self.samples = self.samples, 0
         begin, self._begin = self._begin, None
-        if _capturing():
+        if capturing():
             return None  # a pass captured by `engine.graphed_backward`: its tails are never graphed
         if samples == 0:  # no layer-wise tail on a GPU in this pass: nothing to graph
             return self._decide(None, None, "no layer-wise clip tail on a CUDA device")
@@ -148,7 +148,3 @@ class TailTrial:
         """Median over the marked steps of (time since the previous mark) / samples."""
         m = self._marks
         return statistics.median(self._elapsed_ms(m[i - 1][0], m[i][0]) / m[i][1] for i in range(1, len(m)))
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +53,7 @@ MAX_CAPTURES = 8
 
 
 MODES = ("auto", "on", "off")
+GRAPH_DEVICE = "cuda"  # (tests of the group key's bookkeeping set "cpu")
 
 
 def mode(arg: bool | str | None = None) -> str:
@@ -100,24 +101,54 @@ class TailGraphs:
         if read is None:
             return None
         g = use.grad_out
-        if not isinstance(g, torch.Tensor) or not g.is_cuda or torch.cuda.is_current_stream_capturing():
+        if not isinstance(g, torch.Tensor) or g.device.type != GRAPH_DEVICE or capturing():
             return None  # not inside another capture (`engine.graphed_backward`)
         parts = [g.device.index]
-        for t in read:
-            if t is None:
-                parts.append(None)
-            elif isinstance(t, torch.Tensor) and t.device == g.device:
-                parts += (t.data_ptr(), t.shape, t.stride(), t.dtype)
-            else:
-                return None
+        if not _signatures(read, g.device, parts):
+            return None
         params = use.unit.params
         parts += (use.batch_size, tuple(use.cache), tuple([params[n].dtype for n in names]), settings,
                   torch.backends.cuda.matmul.allow_tf32, kernels.active(g))
         return tuple(parts)
 
+    @staticmethod
+    def group_key(entries: list[tuple[Use, str]], norms: list[tuple[torch.Tensor, bool]],
+                  settings: tuple) -> tuple[tuple | None, list[int]]:
+        """The key of a group's sums phase (a group with several uses, e.g. all-layer clipping, at its end: the
+        coefficient from the norms, then the clipped sums), and which of `entries` (each parameter's single use and
+        name) the graph computes; the others are summed eagerly. (None, []) where no graph applies."""
+        if not norms or not isinstance(norms[0][0], torch.Tensor):
+            return None, []
+        dev = norms[0][0].device
+        if dev.type != GRAPH_DEVICE or capturing():
+            return None, []
+        parts: list = [dev.index]
+        for t, squared in norms:
+            if not _signatures((t,), dev, parts):
+                return None, []
+            parts.append(squared)
+        taken = []
+        for i, (u, n) in enumerate(entries):
+            read = _read_by_sums(u, n)
+            if read is None:
+                continue
+            mark = len(parts)
+            parts += (id(u.plan), n, u.unit.params[n].dtype, u.batch_size)
+            if _signatures(read, dev, parts):
+                taken.append(i)
+            else:
+                del parts[mark:]
+        if not taken:
+            return None, []
+        parts += (settings, torch.backends.cuda.matmul.allow_tf32, kernels.active(norms[0][0]))
+        return tuple(parts), taken
+
     def run(self, slot_id: tuple, key: tuple, tail: Callable[[], list[torch.Tensor]],
-            use: Use) -> list[torch.Tensor] | None:
-        """The tail's results from a replay or a new capture, or None: the caller runs the tail eagerly."""
+            uses: Sequence[Use], own_gram: bool = True, copy: bool = True) -> list[torch.Tensor] | None:
+        """The tail's results from a replay or a new capture, or None: the caller runs the tail eagerly. `uses`: the
+        uses it reads (their caches are restored around a capture); `own_gram`: they are single-use tails whose
+        shared q/k/v Gram tiles the graph does not touch (`_own_gram`). `copy=False`: the graph's own buffers are
+        returned, valid until this slot's next replay (results consumed within the same backward pass)."""
         if self._broken:
             return None
         slot = self._slots.get(slot_id)
@@ -128,28 +159,31 @@ class TailGraphs:
             if gkey == key:
                 if i:
                     graphs.insert(0, graphs.pop(i))
-                _own_gram(use)
-                return self._replay(graph, res)
+                if own_gram:
+                    _own_gram(uses)
+                return self._replay(graph, res, copy)
         seen = key in slot.seen
         if not seen or slot.captures >= MAX_CAPTURES:
             if not seen:
                 slot.seen.insert(0, key)
                 del slot.seen[SEEN_PER_SLOT:]
             return None
-        return self._capture(slot, key, tail, use)
+        return self._capture(slot, key, tail, uses, own_gram, copy)
 
-    def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results) -> list[torch.Tensor]:
-        """Run the graph on the current stream; copies of its results (its buffers are rewritten next replay)."""
+    def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results, copy: bool = True) -> list[torch.Tensor]:
+        """Run the graph on the current stream; copies of its results (its buffers are rewritten next replay), or
+        with copy=False the buffers themselves."""
         graph.replay()
         self.replays += 1
-        return res.copies()
+        return res.copies() if copy else res.views()
 
-    def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]],
-                 use: Use) -> list[torch.Tensor] | None:
+    def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]], uses: Sequence[Use],
+                 own_gram: bool, copy: bool) -> list[torch.Tensor] | None:
         slot.captures += 1
         del slot.graphs[GRAPHS_PER_SLOT - 1:]  # the least recently used goes first: its memory returns to the pool
-        _own_gram(use)
-        before = dict(use.cache)  # computed outside the tail (LayerNorm's per-sample gradients), in the key
+        if own_gram:
+            _own_gram(uses)
+        before = [dict(u.cache) for u in uses]  # computed outside the tail (e.g. per-sample gradients), in the key
         current = torch.cuda.current_stream()
         side = _warmup_stream()
         graph = torch.cuda.CUDAGraph()
@@ -157,9 +191,9 @@ class TailGraphs:
         try:
             side.wait_stream(current)
             with torch.cuda.stream(side), memos_off():
-                _reset(use, before)
+                _reset(uses, before)
                 tail()  # warm-up on the capture stream: libraries set up their per-stream state outside the capture
-                _reset(use, before)
+                _reset(uses, before)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 capturing = True
                 res = _results(tail(), slot)
@@ -173,18 +207,19 @@ class TailGraphs:
                 except Exception:  # the capture was already invalidated
                     pass
             current.wait_stream(side)
-            _reset(use, before)
+            _reset(uses, before)
             self._broken = True
             log.warning("groupclip: capturing the clip tail of %s as a CUDA graph failed (%s: %s); clip tails "
-                        "run eagerly from now on", use.unit.label(), type(e).__name__, e)
+                        "run eagerly from now on", ", ".join(u.unit.label() for u in uses[:3]) +
+                        (", ..." if len(uses) > 3 else ""), type(e).__name__, e)
             return None
-        _reset(use, before)
+        _reset(uses, before)
         if self._pool is None:
             self._pool = graph.pool()
         slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         self.captures += 1
-        return self._replay(graph, res)
+        return self._replay(graph, res, copy)
 
 
 class _Results:
@@ -221,7 +256,13 @@ class _Results:
         """The results as new tensors (the graph rewrites its buffers at its next replay): views of one copy."""
         if self.flat is None:
             return [o.clone() for o in self.outs]
-        flat = self.flat.clone()
+        return self._split(self.flat.clone())
+
+    def views(self) -> list[torch.Tensor]:
+        """The results in the graph's own buffers (rewritten at its next replay)."""
+        return list(self.outs) if self.flat is None else self._split(self.flat)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b].view(shape) for a, b, shape in self.places]
 
 
@@ -254,14 +295,46 @@ def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
     return None
 
 
-def _reset(use: Use, before: dict) -> None:
-    """The use's cache as it was before the tail: a capture must compute what the tail itself caches."""
-    use.cache.clear()
-    use.cache.update(before)
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured (e.g. by `engine.graphed_backward`)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _own_gram(use: Use) -> None:
+def _read_by_sums(use: Use, name: str) -> tuple | None:
+    """The tensors the clipped sum of `name` reads once the use's norm was taken (its cache as the norm left it), or
+    None where that sum is not graphed. Linear / Conv1D: the saved input, the output gradient, and the per-sample bias
+    gradients or instantiated weight gradients where the norm cached them. LayerNorm: its per-sample gradients."""
+    rule, cache = use.unit.rule.name, use.cache
+    if rule in ("linear", "hf_conv1d"):
+        return (use.saved[0], use.grad_out, cache.get("gb"), cache.get("G"))
+    if rule == "layer_norm":
+        ps = cache.get("ps_" + name)
+        return None if ps is None else (ps,)
+    return None
+
+
+def _signatures(read, device: torch.device, parts: list) -> bool:
+    """Append each tensor's address, shape, strides and dtype to `parts`; False if one is not a tensor on `device`."""
+    for t in read:
+        if t is None:
+            parts.append(None)
+        elif isinstance(t, torch.Tensor) and t.device == device:
+            parts += (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        else:
+            return False
+    return True
+
+
+def _reset(uses: Sequence[Use], before: list[dict]) -> None:
+    """The uses' caches as they were before the tail: a capture must compute what the tail itself caches."""
+    for u, cache in zip(uses, before, strict=True):
+        u.cache.clear()
+        u.cache.update(cache)
+
+
+def _own_gram(uses: Sequence[Use]) -> None:
     """A graphed tail computes its input's Gram itself: it never keeps or reads the tiles q, k, v share."""
-    shared = use.extra.pop("input", None)
-    if shared is not None:
-        shared.skip()
+    for use in uses:
+        shared = use.extra.pop("input", None)
+        if shared is not None:
+            shared.skip()
