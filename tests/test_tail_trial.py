@@ -17,7 +17,7 @@ from groupclip.tail_trial import TailTrial
 class _Tails:  # what the trial touches of TailGraphs
     def __init__(self):
         self.active = False
-        self.replays = 0
+        self.replays = self.captures = 0
 
 
 class _Use:
@@ -47,7 +47,7 @@ class _Trial(TailTrial):
         return b - a
 
 
-def _run(trial, step_ms, batch=8, replays_per_step=1, limit=40, host_share=1.0):
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=60, host_share=1.0, captures=lambda i: 0):
     """Backward passes until the trial decides: (decision, passes, tails.active before each pass's end). Each pass
     takes step_ms of GPU time and host_share of that of host time (1: host-bound)."""
     active = []
@@ -60,6 +60,7 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=40, host_share=1.0):
         trial.saw(_Use(batch(i) if callable(batch) else batch))
         if trial.tails.active:
             trial.tails.replays += replays_per_step
+            trial.tails.captures += captures(i)
         keep = trial.end_of_backward()
         if keep is not None:
             return keep, i, active
@@ -105,6 +106,21 @@ def test_the_settling_steps_are_not_timed():
     slow = set(range(_off_passes() + 1, _off_passes() + 1 + tail_trial.SETTLE_STEPS))
     keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if i in slow else (60.0 if on else 100.0))
     assert keep is True
+
+
+def test_steps_that_capture_are_not_timed():
+    # captures go on past the settling steps (keys that take longer to repeat): the clock starts after the last one
+    last = _off_passes() + tail_trial.SETTLE_STEPS + 5
+    keep, passes, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if on and i <= last else (60.0 if on else 100.0),
+                           captures=lambda i: int(i <= last))
+    assert keep is True and passes == last + tail_trial.TIMED_STEPS
+
+
+def test_tails_that_never_stop_capturing_are_dropped():
+    trial = _Trial(_Tails())
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, captures=lambda i: 1)
+    assert keep is False and passes == _off_passes() + tail_trial.MAX_ON_STEPS
+    assert "captured" in trial.report["reason"]
 
 
 def test_median_ignores_one_outlier_step():

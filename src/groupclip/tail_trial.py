@@ -10,9 +10,9 @@ much faster and a GPU-bound one a point slower. `tail_graphs="auto"` (the defaul
    passes also compares its host time (first clipped layer to the end) with its GPU time (CUDA events): where the
    host took less than `HOST_SHARE` of it, the GPU is the slower and the graphs cannot help: they stay off, and
    the loop never pays their memory;
-3. the graphs are switched on; `SETTLE_STEPS` steps let the tails' keys repeat and get captured (the last one's
-   end starts the clock again);
-4. the next `TIMED_STEPS` steps are timed with the graphs;
+3. the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured;
+4. the next `TIMED_STEPS` steps in which nothing was captured are timed with the graphs (a pass that captured
+   starts the clock again; after `MAX_ON_STEPS` steps with the graphs on that still capture, they are dropped);
 5. the graphs stay on if those steps took at least `MIN_GAIN` less time per sample (and tails were replayed);
    otherwise they are dropped with their memory. The decision is logged (INFO) and kept for the engine's life.
 
@@ -38,6 +38,7 @@ WARM_STEPS = 2
 TIMED_STEPS = 3
 #: a loop alternating between two sets of addresses sees each key at steps 1 and 2, captures at 3 and 4
 SETTLE_STEPS = 4
+MAX_ON_STEPS = 24
 MIN_GAIN = 0.03
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound
 HOST_SHARE = 0.8
@@ -55,6 +56,7 @@ class TailTrial:
         self._off: float | None = None  # ms a sample without the graphs
         self._on_from = 0  # first pass whose end is marked with the graphs on
         self._replays = 0  # tails.replays when the timed steps with the graphs began
+        self._captures = 0  # tails.captures at the end of the last pass
         self._begin: tuple[object, float] | None = None  # (mark, host clock) at the start of this backward pass
         self._spans: list[tuple[object, object, float]] = []  # (begin mark, end mark, host ms) of timed passes
         self.report: dict | None = None
@@ -94,12 +96,17 @@ class TailTrial:
                     return self._decide(self._off, None, f"GPU-bound: a backward pass's host time is {share:.0%} of "
                                                          "its GPU time")
                 self.tails.active = True
-                self._on_from = self._passes + SETTLE_STEPS
+                self._on_from, self._captures = self._passes + SETTLE_STEPS, self.tails.captures
             return None
+        captured, self._captures = self.tails.captures != self._captures, self.tails.captures
         if self._passes < self._on_from:
             return None
-        if not self._marks:
-            self._replays = self.tails.replays
+        if captured or not self._marks:  # a capture costs far more than a replay: its pass is not timed
+            if self._passes >= self._on_from - SETTLE_STEPS + MAX_ON_STEPS:
+                return self._decide(self._off, None, f"tails were still being captured after {MAX_ON_STEPS} steps "
+                                                     "(the tensors keep moving)")
+            self._marks, self._replays = [(self._mark(), samples)], self.tails.replays
+            return None
         self._marks.append((self._mark(), samples))
         if len(self._marks) <= TIMED_STEPS:
             return None
