@@ -47,18 +47,20 @@ class _Trial(TailTrial):
         return b - a
 
 
-def _run(trial, step_ms, batch=8, replays_per_step=1, limit=60, host_share=1.0, captures=lambda i: 0):
-    """Backward passes until the trial decides: (decision, passes, tails.active before each pass's end). Each pass
-    takes step_ms of GPU time and host_share of that of host time (1: host-bound)."""
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0):
+    """Backward passes until the trial decides: (decision, passes, tails.active during each pass). Each pass takes
+    step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound); `batch` and `captures`:
+    numbers or functions of (with graphs, i)."""
     active = []
     for i in range(1, limit + 1):
-        active.append(trial.tails.active)
+        on = trial.tails.active
+        active.append(on)
         trial.begin_of_backward()
-        ms = step_ms(trial.tails.active, i)
+        ms = step_ms(on, i)
         trial.now += ms
         trial.host += host_share * ms
-        trial.saw(_Use(batch(i) if callable(batch) else batch))
-        if trial.tails.active:
+        trial.saw(_Use(batch(on, i) if callable(batch) else batch))
+        if on:
             trial.tails.replays += replays_per_step
             trial.tails.captures += captures(i)
         keep = trial.end_of_backward()
@@ -72,8 +74,13 @@ def _off_passes():
     return tail_trial.WARM_STEPS + 1 + tail_trial.TIMED_STEPS
 
 
+def _window_start():
+    """The pass whose end starts the alternating window (when nothing is captured late)."""
+    return _off_passes() + tail_trial.SETTLE_STEPS
+
+
 def _passes_to_decision():
-    return _off_passes() + tail_trial.SETTLE_STEPS + tail_trial.TIMED_STEPS
+    return _window_start() + 2 * tail_trial.TIMED_STEPS
 
 
 def test_host_bound_loop_keeps_the_graphs():
@@ -81,9 +88,22 @@ def test_host_bound_loop_keeps_the_graphs():
     keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0)
     assert keep is True and trial.tails.active
     assert passes == _passes_to_decision()
-    assert not any(active[:_off_passes()]) and all(active[_off_passes():])  # off while timed without, on after
+    assert not any(active[:_off_passes()]) and all(active[_off_passes():_window_start()])
+    window = active[_window_start():]
+    assert window == [False, True] * tail_trial.TIMED_STEPS  # alternating, without first
     assert trial.report["ms_per_sample_without"] == pytest.approx(100 / 8)
     assert trial.report["ms_per_sample_with"] == pytest.approx(60 / 8)
+
+
+def test_alternating_steps_cancel_a_drift_of_the_host():
+    # the host slows down by half while the graphs settle and the window runs: a before/after comparison would see
+    # no gain; within the window steps with the graphs are still 40% faster
+    def step(on, i):
+        base = 100.0 if i <= _off_passes() else 150.0
+        return base * (0.6 if on else 1.0)
+
+    keep, _, _ = _run(_Trial(_Tails()), step)
+    assert keep is True
 
 
 def test_gpu_bound_loop_drops_them():
@@ -103,17 +123,17 @@ def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
 
 def test_the_settling_steps_are_not_timed():
     # captures make the first steps with the graphs slow; only the steps after them count
-    slow = set(range(_off_passes() + 1, _off_passes() + 1 + tail_trial.SETTLE_STEPS))
+    slow = set(range(_off_passes() + 1, _window_start() + 1))
     keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if i in slow else (60.0 if on else 100.0))
     assert keep is True
 
 
 def test_steps_that_capture_are_not_timed():
-    # captures go on past the settling steps (keys that take longer to repeat): the clock starts after the last one
-    last = _off_passes() + tail_trial.SETTLE_STEPS + 5
+    # captures go on past the settling steps (keys that take longer to repeat): the window starts after the last one
+    last = _window_start() + 5
     keep, passes, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if on and i <= last else (60.0 if on else 100.0),
                            captures=lambda i: int(i <= last))
-    assert keep is True and passes == last + tail_trial.TIMED_STEPS
+    assert keep is True and passes == last + 1 + 2 * tail_trial.TIMED_STEPS
 
 
 def test_tails_that_never_stop_capturing_are_dropped():
@@ -124,15 +144,15 @@ def test_tails_that_never_stop_capturing_are_dropped():
 
 
 def test_median_ignores_one_outlier_step():
-    off_first = tail_trial.WARM_STEPS + 2  # the first timed step without the graphs
-    keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 1.0 if i == off_first else (60.0 if on else 100.0))
+    fast_off = _window_start() + 1  # the first step of the window, without the graphs
+    keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 1.0 if i == fast_off else (60.0 if on else 100.0))
     assert keep is True
 
 
 def test_time_is_per_sample():
     # steps with the graphs are faster but process half the samples: slower per sample
     trial = _Trial(_Tails())
-    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, batch=lambda i: 8 if i <= _off_passes() else 4)
+    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, batch=lambda on, i: 4 if on else 8)
     assert keep is False
     assert trial.report["ms_per_sample_with"] == pytest.approx(15.0)
 
