@@ -80,7 +80,7 @@ def _window_start():
 
 
 def _passes_to_decision():
-    return _window_start() + 2 * tail_trial.TIMED_STEPS
+    return _window_start() + 4 * tail_trial.TIMED_STEPS
 
 
 def test_host_bound_loop_keeps_the_graphs():
@@ -90,9 +90,10 @@ def test_host_bound_loop_keeps_the_graphs():
     assert passes == _passes_to_decision()
     assert not any(active[:_off_passes()]) and all(active[_off_passes():_window_start()])
     window = active[_window_start():]
-    assert window == [False, True] * tail_trial.TIMED_STEPS  # alternating, without first
+    assert window == [False, False, True, True] * tail_trial.TIMED_STEPS  # blocks of two, without first
     assert trial.report["ms_per_sample_without"] == pytest.approx(100 / 8)
     assert trial.report["ms_per_sample_with"] == pytest.approx(60 / 8)
+    assert trial.report["host_share"] == pytest.approx(1.0)
 
 
 def test_alternating_steps_cancel_a_drift_of_the_host():
@@ -104,6 +105,20 @@ def test_alternating_steps_cancel_a_drift_of_the_host():
 
     keep, _, _ = _run(_Trial(_Tails()), step)
     assert keep is True
+
+
+def test_only_the_second_step_of_each_block_is_timed():
+    # the first step after a switch carries the other mode's GPU backlog: it does not count
+    def step(on, i):
+        pos = i - _window_start() - 1
+        if pos >= 0 and pos % 2 == 0:
+            return 1000.0
+        return 60.0 if on else 100.0
+
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, step)
+    assert keep is True
+    assert trial.report["ms_per_sample_without"] == pytest.approx(100 / 8)
 
 
 def test_gpu_bound_loop_drops_them():
@@ -133,7 +148,7 @@ def test_steps_that_capture_are_not_timed():
     last = _window_start() + 5
     keep, passes, _ = _run(_Trial(_Tails()), lambda on, i: 500.0 if on and i <= last else (60.0 if on else 100.0),
                            captures=lambda i: int(i <= last))
-    assert keep is True and passes == last + 1 + 2 * tail_trial.TIMED_STEPS
+    assert keep is True and passes == last + 1 + 4 * tail_trial.TIMED_STEPS
 
 
 def test_tails_that_never_stop_capturing_are_dropped():
@@ -144,7 +159,7 @@ def test_tails_that_never_stop_capturing_are_dropped():
 
 
 def test_median_ignores_one_outlier_step():
-    fast_off = _window_start() + 1  # the first step of the window, without the graphs
+    fast_off = _window_start() + 2  # the first timed step of the window, without the graphs
     keep, _, _ = _run(_Trial(_Tails()), lambda on, i: 1.0 if i == fast_off else (60.0 if on else 100.0))
     assert keep is True
 

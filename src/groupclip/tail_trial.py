@@ -11,8 +11,10 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    cannot help: they stay off, and the loop never pays their memory;
 3. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
    and until a step captures nothing (after `MAX_ON_STEPS` steps that still capture, they are dropped);
-4. then steps alternate without and with the graphs, `TIMED_STEPS` of each (a host's speed drifts by tens of percent
-   within seconds; alternating exposes both to the same drift). A step that captures starts this over;
+4. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
+   of each (a host's speed drifts by tens of percent within seconds; alternating exposes both to the same drift;
+   the first step of a block lets the GPU's backlog settle to that mode's: a step with the graphs leaves the GPU
+   behind the host, which a step right after it would be charged for). A step that captures starts this over;
 5. the graphs stay on if the median step with them took at least `MIN_GAIN` less time per sample than the median
    step without them (and tails were replayed); otherwise they are dropped with their memory. The decision is
    logged (INFO) and kept for the engine's life.
@@ -60,6 +62,8 @@ class TailTrial:
         self._last = None  # mark at the end of the last pass of the alternating window
         self._replays = 0  # tails.replays when the window began
         self._window: list[tuple[object, object, int, bool]] = []  # (start, end, samples, with graphs)
+        self._pos = 0  # passes into the window
+        self._share: float | None = None  # the backward passes' host time / GPU time
         self.report: dict | None = None
 
     def begin_of_backward(self) -> None:
@@ -90,7 +94,7 @@ class TailTrial:
                 self._spans.append((begin[0], self._mark(), (self._clock() - begin[1]) * 1e3))
             if self._passes <= WARM_STEPS + TIMED_STEPS:
                 return None
-            share = self._host_share()
+            share = self._share = self._host_share()
             if share is not None and share < HOST_SHARE:
                 return self._decide(None, None, f"GPU-bound: a backward pass's host time is {share:.0%} of its "
                                                 "GPU time")
@@ -105,15 +109,16 @@ class TailTrial:
                 return self._decide(None, None, f"tails were still being captured after {MAX_ON_STEPS} steps "
                                                 "(the tensors keep moving)")
             if on_steps >= SETTLE_STEPS and not captured:  # settled: this pass's end starts the window
-                self._last, self._window, self._replays = self._mark(), [], self.tails.replays
+                self._last, self._window, self._replays, self._pos = self._mark(), [], self.tails.replays, 0
                 self.tails.active = False
             else:
                 self._last, self.tails.active = None, True
             return None
         end = self._mark()
-        self._window.append((self._last, end, samples, with_graphs))
-        self._last = end
-        self.tails.active = not with_graphs
+        if self._pos % 2:  # the second pass of a block: timed
+            self._window.append((self._last, end, samples, with_graphs))
+        self._last, self._pos = end, self._pos + 1
+        self.tails.active = (self._pos // 2) % 2 == 1  # blocks of two: without, without, with, with, ...
         if len(self._window) < 2 * TIMED_STEPS:
             return None
         off = self._per_sample(False)
@@ -128,7 +133,7 @@ class TailTrial:
         keep = why_not is None
         self.tails.active = keep
         self.report = {"kept": keep, "ms_per_sample_without": off, "ms_per_sample_with": on,
-                       "reason": why_not or "faster"}
+                       "host_share": self._share, "reason": why_not or "faster"}
         if off is None:
             log.info("groupclip: clip-tail graphs off: %s", why_not)
         else:
