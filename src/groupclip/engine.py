@@ -45,9 +45,10 @@ class PrivacyEngine:
         accountant: "pld" (default) or "rdp", for calibration and `epsilon()`.
         seed: seed of the noise (and, by default, of the Poisson sampler); secure_mode draws it from the OS.
         max_physical_batch_size: split each logical batch of `data_loader()` into micro-batches.
-        tail_graphs: replay the clip tail (norm, coefficient, clipped sums) of each layer-wise Linear / LayerNorm
-            layer from a CUDA graph when the tensors it reads sit where they sat before (`groupclip.tails`): for
-            eager loops bound by the host CPU. "auto" times a few steps with and without them and keeps them only
+        tail_graphs: replay the clip work of Linear / Conv1D / LayerNorm layers (layer-wise: each layer's norm,
+            coefficient and clipped sums; all-layer: each layer's norm, then the group's coefficient and sums) from
+            CUDA graphs when the tensors it reads sit where they sat before (`groupclip.tails`): for eager loops
+            bound by the host CPU. "auto" times a few steps with and without them and keeps them only
             where the loop runs faster (`groupclip.tail_trial`; the decision is logged); True / False force.
             Default: the `GROUPCLIP_TAIL_GRAPHS` environment variable (1, 0 or auto), else "auto".
     """

@@ -1,4 +1,5 @@
-"""Per-layer CUDA graphs of the clip tail: a layer-wise group's norm, coefficient and clipped sums in one host call.
+"""CUDA graphs of the clip tails: a layer-wise group's norm, coefficient and clipped sums in one host call; under
+all-layer clipping each waiting layer's norm, then the group's coefficient and clipped sums.
 
 For eager training loops that are bound by the host CPU (many small layers on a fast GPU, e.g. ViT-base under bf16
 autocast on an H100), where `engine.graphed_backward` cannot be used. `PrivacyEngine(tail_graphs=...)` or
@@ -23,6 +24,13 @@ What a captured tail must not read: values cached outside it. It runs with the t
 as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
 own; the reader still counts as arrived). A layer's graphs keep one result buffer between them (the size of its
 parameters, float32) for as long as they live; all graphs share one memory pool for their intermediates.
+
+A group with several uses (all-layer clipping) waits for its last use: each waiting Linear / LayerNorm use's squared
+norm is a graph of its own (`key` with the "norm2" setting; its buffers, with the per-sample bias gradients the sums
+read, are used in place: they are read later in the same backward pass, before that graph's next replay), and at
+the end the coefficient and the clipped sums of every such parameter are one graph (`group_key`: the norms, and per
+parameter the tensors its sum reads). Parameters with several uses and other rules are summed eagerly with the
+coefficient the graph returns.
 """
 
 from __future__ import annotations
