@@ -18,6 +18,7 @@ from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
 from groupclip.tail_trial import TailTrial
+from groupclip.tails import MODES as TAIL_MODES
 from groupclip.tails import TailGraphs
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
@@ -123,8 +124,8 @@ class Clipper:
         self.sample_mask: torch.Tensor | None = None
         # per-layer CUDA graphs of single-use tails (`groupclip.tails`), or None; "auto": switched on and kept or
         # dropped by a measurement over the first steps (`groupclip.tail_trial`)
-        if tail_graphs not in ("auto", "on", "off"):
-            raise ValueError(f"tail_graphs must be 'auto', 'on' or 'off', got {tail_graphs!r}")
+        if tail_graphs not in TAIL_MODES:
+            raise ValueError(f"tail_graphs must be one of {', '.join(TAIL_MODES)}, got {tail_graphs!r}")
         self.tails: TailGraphs | None = None if tail_graphs == "off" else TailGraphs(active=tail_graphs == "on")
         self.tail_trial: TailTrial | None = TailTrial(self.tails) if tail_graphs == "auto" else None
         self.tail_report: dict | None = None  # the trial's measurement, once decided
