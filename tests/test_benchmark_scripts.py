@@ -16,7 +16,10 @@ MODES = ("nonprivate", "groupclip-layer-wise", "groupclip-all-layer")
 
 def test_gpu_benchmark_tiny_run_and_table(tmp_path):
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # (keeps an existing PYTHONPATH: where Opacus or transformers are installed into a directory on it, the script
+    # must see them as the test does)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                       if p)}
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu", "--tiny",
          "--phases", "check,time", "--workloads", "vit", "--precisions", "fp32", "--modes", ",".join(MODES),

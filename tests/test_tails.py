@@ -299,12 +299,15 @@ def test_inside_graphed_backward_the_tails_stay_out():
 def test_auto_mode_decides_and_stays_equal_to_the_eager_engine():
     ref_model, ref_opt, model, eng, opt = _eager_and_tails("auto")
     gen = torch.Generator("cuda").manual_seed(2)
-    batches = (torch.randn(8, 160, 12, device="cuda", generator=gen) for _ in range(24))
+    batches = (torch.randn(8, 160, 12, device="cuda", generator=gen) for _ in range(48))
     _compare_steps((ref_model, ref_opt), model, opt, batches, autocast=False)
     clipper = eng.clipper
-    assert clipper.tail_trial is None and clipper.tail_report is not None, "no decision after 24 steps"
-    assert (clipper.tails is not None) == clipper.tail_report["kept"]
-    assert clipper.tail_report["ms_per_sample_without"] > 0 and clipper.tail_report["ms_per_sample_with"] > 0
+    report = clipper.tail_report
+    assert clipper.tail_trial is None and report is not None, "no decision after 48 steps"
+    assert (clipper.tails is not None) == report["kept"]
+    assert report["host_share"] > 0
+    if "faster" in report["reason"]:  # the graphs were timed against the eager tails
+        assert report["ms_per_sample_without"] > 0 and report["ms_per_sample_with"] > 0, report
 
 
 @cuda
