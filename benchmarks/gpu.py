@@ -176,6 +176,10 @@ class Setup:
             self.graphed(x, y)
         self.opt.step()
 
+    def trial_pending(self) -> bool:
+        """Whether groupclip's tail-graph trial (`tail_graphs="auto"`) has yet to decide."""
+        return self.engine is not None and self.engine.clipper.tail_trial is not None
+
     def close(self):
         if self.engine is not None:
             self.engine.detach()
@@ -247,7 +251,7 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             i += 1
             if done_warm:
                 times.append(time.perf_counter() - t0)
-            elif i >= warmup and (clipper is None or clipper.tail_trial is None or i >= warmup + TRIAL_CAP):
+            elif i >= warmup and (not s.trial_pending() or i >= warmup + TRIAL_CAP):
                 done_warm = i
         med = statistics.median(times)
         row.update(step_s=med, samples_per_s=s.batch / med, peak_mem_gib=peak_gib(),
@@ -493,7 +497,7 @@ def warm_setup(workload, mode, precision):
     gen = torch.Generator(DEV).manual_seed(1)
     x, y = make_batch(s.kind, s.batch, s.seq, gen, s.small)
     for i in range(3 + TRIAL_CAP):
-        if i >= 3 and (s.engine is None or s.engine.clipper.tail_trial is None):
+        if i >= 3 and not s.trial_pending():
             break
         s.step(x, y)
     sync()
