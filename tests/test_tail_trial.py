@@ -27,11 +27,22 @@ class _Use:
 
 
 class _Trial(TailTrial):
-    """The trial on fake clocks: `now` (GPU, ms) is what its marks read, `host` (ms) its host clock."""
+    """The trial on fake clocks: `now` (GPU, ms) is what its marks read, `host` (ms) its host clock. A head start
+    moves `now` by its length and records it in `spins`; `behind` says whether the GPU had passed the spin's end
+    when the host finished the pass."""
 
     def __init__(self, t):
         super().__init__(t)
         self.now = self.host = 0.0
+        self.spins: list[float] = []
+        self.behind = False
+
+    def _head_start(self, ms):
+        self.spins.append(ms)
+        self.now += ms
+
+    def _finished(self, mark):
+        return self.behind
 
     def saw(self, use):
         self.samples, self.device = use.batch_size, "a GPU"
@@ -47,17 +58,19 @@ class _Trial(TailTrial):
         return b - a
 
 
-def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0):
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0, busy=0.5):
     """Backward passes until the trial decides: (decision, passes, tails.active during each pass). Each pass takes
-    step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound); `batch` and `captures`:
-    numbers or functions of (with graphs, i)."""
+    step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound), of which the GPU works
+    `busy` (a share) and idles the rest; a pass with a head start takes only the GPU's work after it. `batch` and
+    `captures`: numbers or functions of (with graphs, i)."""
     active = []
     for i in range(1, limit + 1):
         on = trial.tails.active
         active.append(on)
+        spins = len(trial.spins)
         trial.begin_of_backward()
         ms = step_ms(on, i)
-        trial.now += ms
+        trial.now += busy * ms if len(trial.spins) > spins else ms
         trial.host += host_share * ms
         trial.saw(_Use(batch(on, i) if callable(batch) else batch))
         if on:
@@ -70,7 +83,13 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, 
 
 
 def _off_passes():
-    """Passes before the graphs go on: the warm-up, the pass whose end starts the clock, the timed ones."""
+    """Passes before the graphs go on: the warm-up, the pass whose end starts the clock, the timed ones, the one
+    with a head start."""
+    return _timed_passes() + 1
+
+
+def _timed_passes():
+    """Passes up to the end of the host-share measurement."""
     return tail_trial.WARM_STEPS + 1 + tail_trial.TIMED_STEPS
 
 
@@ -131,9 +150,68 @@ def test_gpu_bound_loop_drops_them():
 def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
     trial = _Trial(_Tails())
     keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.6)
-    assert keep is False and passes == _off_passes() and not any(active) and not trial.tails.active
+    assert keep is False and passes == _timed_passes() and not any(active) and not trial.tails.active
     assert "GPU-bound" in trial.report["reason"] and "60%" in trial.report["reason"]
-    assert trial.report["ms_per_sample_with"] is None
+    assert trial.report["ms_per_sample_with"] is None and not trial.spins
+
+
+def test_host_bound_backward_with_a_busy_gpu_decides_off_after_the_head_start():
+    # the host takes as long as the GPU's window, but the GPU works 99% of it: graphs could save at most 1% of a step
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    assert keep is False and passes == _off_passes() and not any(active) and not trial.tails.active
+    assert trial.spins == [pytest.approx(tail_trial.HEAD_START_FACTOR * 100.0 + tail_trial.HEAD_START_MS)]
+    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
+    assert trial.report["backward_gpu_ms"] == pytest.approx(100.0) and trial.report["step_ms"] == pytest.approx(100.0)
+    assert "idles 1 ms" in trial.report["reason"]
+
+
+def test_idle_share_is_of_the_whole_step():
+    # the backward pass is a fifth of the step (other passes between its ends): 4 ms idle in it is 4% of 100 -> try
+    trial = _Trial(_Tails())
+    period = 100.0
+
+    def step(on, i):
+        return 20.0 if not on else 12.0
+
+    def run():
+        active = []
+        for i in range(1, 80):
+            on = trial.tails.active
+            active.append(on)
+            spins = len(trial.spins)
+            trial.begin_of_backward()
+            start = trial.now
+            ms = step(on, i)
+            trial.now += 16.0 if len(trial.spins) > spins else ms
+            trial.host += ms
+            trial.saw(_Use(8))
+            if on:
+                trial.tails.replays += 1
+            keep = trial.end_of_backward()
+            trial.now = start + period if len(trial.spins) == spins else trial.now + period - ms
+            if keep is not None:
+                return keep
+            if trial.tails.active:
+                return "tried"
+        raise AssertionError("no decision")
+
+    assert run() == "tried"
+    assert trial.report is None
+    # the same 4 ms of idle time in a 200 ms step is 2%: off
+    trial, period = _Trial(_Tails()), 200.0
+    assert run() is False
+    assert trial.report["step_ms"] == pytest.approx(200.0)
+
+
+def test_a_head_start_the_host_did_not_outrun_is_doubled_then_the_graphs_are_tried():
+    trial = _Trial(_Tails())
+    trial.behind = True  # the GPU always passed the spin before the host's end: no measurement
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    first = tail_trial.HEAD_START_FACTOR * 100.0 + tail_trial.HEAD_START_MS
+    assert trial.spins == [pytest.approx(first), pytest.approx(2 * first)]
+    assert keep is True and trial.report["gpu_busy_ms"] is None
+    assert not any(active[:_off_passes() + 1]) and active[_off_passes() + 1]
 
 
 def test_the_settling_steps_are_not_timed():

@@ -9,13 +9,21 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
 2. the next `TIMED_STEPS` + 1 backward passes compare their host time (first clipped layer to the end) with their
    GPU time (CUDA events): where the host took less than `HOST_SHARE` of it, the GPU is the slower and the graphs
    cannot help: they stay off, and the loop never pays their memory;
-3. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
+3. otherwise one more pass measures how long the GPU itself works in a backward pass: the GPU is first given a head
+   start (`_head_start`: a spin kernel longer than the host's backward), so the host has queued all of the pass
+   before the GPU reaches it and the time from the spin's end to the pass's end is pure GPU work. The time the GPU
+   idled in a backward pass (its GPU time in step 2 minus that) is all the graphs could save: where it is less than
+   `MIN_GAIN` of a step, the graphs stay off without being tried (the host was slow, but not slower than the GPU
+   by enough). Where the host reached the pass's end after the spin had ended (the spin was too short, or the
+   launch queue filled up and held the host back), the measurement says nothing and is tried once more with a
+   spin twice as long, then skipped;
+4. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
    and until a step captures nothing (after `MAX_ON_STEPS` steps that still capture, they are dropped);
-4. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
+5. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
    of each (a host's speed drifts by tens of percent within seconds; alternating exposes both to the same drift;
    the first step of a block lets the GPU's backlog settle to that mode's: a step with the graphs leaves the GPU
    behind the host, which a step right after it would be charged for). A step that captures starts this over;
-5. the graphs stay on if the median step with them took at least `MIN_GAIN` less time per sample than the median
+6. the graphs stay on if the median step with them took at least `MIN_GAIN` less time per sample than the median
    step without them (and tails were replayed); otherwise they are dropped with their memory. The decision is
    logged (INFO) and kept for the engine's life.
 
@@ -49,6 +57,12 @@ MIN_GAIN = 0.03
 #: as ViT's while its step is not; there the timed steps decide (the graphs were less than 3% faster and dropped, the
 #: peak memory of the run 1.03x from the trial's steps with them)
 HOST_SHARE = 0.95
+#: spin-kernel cycles per millisecond of head start: at least a millisecond on GPUs clocked up to 2.5 GHz (H100 SXM:
+#: 1.98); a faster clock is caught by the check that the spin outlasted the host's pass
+SPIN_CYCLES_PER_MS = 2.5e6
+#: head start = this times the longest backward pass's host time, plus HEAD_START_MS
+HEAD_START_FACTOR = 1.5
+HEAD_START_MS = 2.0
 
 
 class TailTrial:
@@ -68,13 +82,25 @@ class TailTrial:
         self._window: list[tuple[object, object, int, bool]] = []  # (start, end, samples, with graphs)
         self._pos = 0  # passes into the window
         self._share: float | None = None  # the backward passes' host time / GPU time
+        self._window_ms: float | None = None  # median GPU time of a backward pass (first clipped layer to end)
+        self._period_ms: float | None = None  # median time from one backward pass's end to the next one's
+        self._host_ms = 0.0  # the longest host time of a timed backward pass
+        self._head_start_ms: float | None = None  # the next pass gets this head start (None: no probe due)
+        self._probe: tuple[object, object] | None = None  # (mark before, mark after) the spin of this pass
+        self._probes = 0
+        self._probe_report: dict = {}
         self.report: dict | None = None
 
     def begin_of_backward(self) -> None:
         """Called when a backward pass reaches its first clipped layer."""
         self._begin = None
         if self._on_from is None and self.device is not None and self._passes >= WARM_STEPS and not capturing():
-            self._begin = (self._mark(), self._clock())
+            if self._head_start_ms is not None:
+                before = self._mark()
+                self._head_start(self._head_start_ms)
+                self._probe = (before, self._mark())
+            else:
+                self._begin = (self._mark(), self._clock())
 
     def saw(self, use) -> None:
         """A clip tail ran (or could have run) for `use` in this pass."""
@@ -94,6 +120,11 @@ class TailTrial:
         if self._passes <= WARM_STEPS:
             return None
         if self._on_from is None:  # is the host the slower?
+            probe, self._probe = self._probe, None
+            if probe is not None:
+                return self._probed(probe)
+            if self._head_start_ms is not None:  # the pass that was to get the head start did not (yet)
+                return None
             if begin is not None:
                 self._spans.append((begin[0], self._mark(), (self._clock() - begin[1]) * 1e3))
             if self._passes <= WARM_STEPS + TIMED_STEPS:
@@ -102,9 +133,44 @@ class TailTrial:
             if share is not None and share < HOST_SHARE:
                 return self._decide(None, None, f"GPU-bound: a backward pass's host time is {share:.0%} of its "
                                                 "GPU time")
-            self.tails.active = True
-            self._on_from, self._captures = self._passes + 1, self.tails.captures
+            if share is not None and self._period_ms:
+                self._head_start_ms = HEAD_START_FACTOR * self._host_ms + HEAD_START_MS
+                return None
+            self._switch_on()
             return None
+        return self._compare(samples)
+
+    def _probed(self, probe: tuple[object, object]) -> bool | None:
+        """End of a pass that began with a head start: off if the GPU idles too little in a backward pass."""
+        _, after = probe
+        end = self._mark()
+        if self._finished(after):  # the host was not ahead all the way: the GPU may have waited for it
+            self._probes += 1
+            if self._probes < 2:
+                self._head_start_ms *= 2
+                return None
+            self._head_start_ms = None
+            self._probe_report = {"gpu_busy_ms": None}
+            log.debug("groupclip: the head-start probe was inconclusive twice; trying the graphs")
+            self._switch_on()
+            return None
+        self._head_start_ms = None
+        busy = self._elapsed_ms(after, end)
+        idle = max(0.0, self._window_ms - busy)
+        self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms}
+        if idle < MIN_GAIN * self._period_ms:
+            return self._decide(None, None, f"GPU-bound: the GPU idles {idle:.3g} ms in a backward pass of "
+                                            f"{self._window_ms:.3g} ms (busy {busy:.3g}), less than "
+                                            f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step")
+        self._switch_on()
+        return None
+
+    def _switch_on(self) -> None:
+        self.tails.active = True
+        self._on_from, self._captures = self._passes + 1, self.tails.captures
+
+    def _compare(self, samples: int) -> bool | None:
+        """A pass with the graphs switched on: settling, then the alternating window."""
         with_graphs = self.tails.active  # how this pass ran
         captured, self._captures = self.tails.captures != self._captures, self.tails.captures
         on_steps = self._passes - self._on_from + 1
@@ -137,7 +203,7 @@ class TailTrial:
         keep = why_not is None
         self.tails.active = keep
         self.report = {"kept": keep, "ms_per_sample_without": off, "ms_per_sample_with": on,
-                       "host_share": self._share, "reason": why_not or "faster"}
+                       "host_share": self._share, **self._probe_report, "reason": why_not or "faster"}
         if off is None:
             log.info("groupclip: clip-tail graphs off: %s", why_not)
         else:
@@ -150,10 +216,19 @@ class TailTrial:
         return statistics.median(self._elapsed_ms(a, b) / n for a, b, n, w in self._window if w == with_graphs)
 
     def _host_share(self) -> float | None:
-        """Median over the timed passes of host time / GPU time of the backward pass, or None if none was timed."""
+        """Median over the timed passes of host time / GPU time of the backward pass, or None if none was timed.
+        Also keeps the median GPU time of a pass, the median step (end to end of consecutive passes) and the longest
+        host time."""
         spans, self._spans = self._spans, []
-        shares = [host / gpu for a, b, host in spans if (gpu := self._elapsed_ms(a, b)) > 0]
-        return statistics.median(shares) if shares else None
+        gpu = [self._elapsed_ms(a, b) for a, b, _ in spans]
+        shares = [host / g for (_, _, host), g in zip(spans, gpu, strict=True) if g > 0]
+        if not shares:
+            return None
+        self._window_ms = statistics.median(gpu)
+        periods = [self._elapsed_ms(x[1], y[1]) for x, y in zip(spans[:-1], spans[1:], strict=True)]
+        self._period_ms = statistics.median(periods) if periods else None
+        self._host_ms = max(host for _, _, host in spans)
+        return statistics.median(shares)
 
     def _mark(self):
         ev = torch.cuda.Event(enable_timing=True)
@@ -168,3 +243,13 @@ class TailTrial:
     @staticmethod
     def _clock() -> float:
         return time.perf_counter()
+
+    def _head_start(self, ms: float) -> None:
+        """Keep the GPU busy for at least `ms` on the gradients' stream (a spin kernel)."""
+        with torch.cuda.stream(torch.cuda.current_stream(self.device)):
+            torch.cuda._sleep(int(ms * SPIN_CYCLES_PER_MS))
+
+    @staticmethod
+    def _finished(mark) -> bool:
+        """Whether the GPU has passed `mark` already."""
+        return mark.query()
