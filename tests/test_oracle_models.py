@@ -231,3 +231,74 @@ def test_abadi_setting_clips_some_samples_not_others():
     _, grads = per_sample_grads(model, lm_loss, (ids,))
     norms = torch.stack([torch.sqrt(sum((v**2).sum() for v in g.values())) for g in grads])
     assert (norms > C).any() and (norms < C).any()
+
+
+def _masked_image_loss(model, pixels, mask, target):
+    out = model(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state
+    return F.mse_loss(out[:, 0], target)
+
+
+def test_vit_embeddings_use_slices_of_the_output_gradient(monkeypatch):
+    """ViT's cls token and position embeddings: their per-sample gradients are slices of the embeddings' output
+    gradient (`rules.vit`), never the generic re-run, and equal the oracle."""
+    from groupclip.rules.generic import GenericRule
+    from groupclip.rules.vit import HFViTEmbeddingsRule
+
+    def no_rerun(self, use, bypass):
+        raise AssertionError(f"generic re-run of {use.unit.label()}")
+
+    model = vit()
+    perturb_norms(model)
+    with torch.no_grad():
+        model.vit.embeddings.cls_token.normal_(0, 0.5)
+        model.vit.embeddings.position_embeddings.normal_(0, 0.5)
+    assert HFViTEmbeddingsRule().supports(model.vit.embeddings)
+    monkeypatch.setattr(GenericRule, "per_sample_all", no_rerun)
+    inputs = (torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 1, 0]))
+    check_against_oracle(model, image_loss, inputs, C=spread_C(model, image_loss, inputs), clipping="abadi",
+                         groups="param-wise")
+
+
+@pytest.mark.parametrize("case", ["mask", "interpolate", "dropout"])
+def test_vit_embeddings_other_calls_take_the_generic_rerun(monkeypatch, case):
+    """A mask token with a mask, interpolated positions, or active dropout: the slices do not apply, the generic
+    re-run runs (exact where the module is deterministic: checked against the oracle for the first two)."""
+    from groupclip.rules.generic import GenericRule
+
+    calls = []
+    rerun = GenericRule.per_sample_all
+
+    def counted(self, use, bypass):
+        calls.append(use.unit.qualname)
+        return rerun(self, use, bypass)
+
+    monkeypatch.setattr(GenericRule, "per_sample_all", counted)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, attention_probs_dropout_prob=0.0,
+                                 hidden_dropout_prob=0.3 if case == "dropout" else 0.0, attn_implementation="eager")
+    model = transformers.ViTModel(cfg, add_pooling_layer=False, use_mask_token=True).double()
+    perturb_norms(model)
+    with torch.no_grad():
+        for p in (model.embeddings.cls_token, model.embeddings.position_embeddings, model.embeddings.mask_token):
+            p.normal_(0, 0.5)
+    pixels, target = torch.randn(5, 3, 16, 16), torch.randn(5, 32)
+    if case == "dropout":
+        from oracle import make_engine
+
+        model.train()
+        make_engine(model, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=5, max_grad_norm=1.0,
+                    groups="param-wise")
+        _masked_image_loss(model, pixels.double(), None, target.double()).backward()
+        assert calls == ["embeddings"]
+        return
+    mask = torch.zeros(5, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    if case == "interpolate":
+        def loss(m, px, mk, tg):
+            out = m(pixel_values=px, interpolate_pos_encoding=True).last_hidden_state
+            return F.mse_loss(out[:, 0], tg)
+    else:
+        loss = _masked_image_loss
+    inputs = (pixels, mask, target)
+    check_against_oracle(model, loss, inputs, C=spread_C(model, loss, inputs), clipping="abadi", groups="param-wise")
+    assert calls and set(calls) == {"embeddings"}

@@ -285,7 +285,9 @@ class CaptureHub:
     def _generic_forward(self, orig, plan: CallPlan, st: StepState, args, kwargs):
         unit, names = plan.unit, plan.names
         leaves, spec = tree_flatten((args, kwargs))
-        rec = ChildOutputs(unit, leaves) if ChildOutputs.wanted(st) else None
+        facts = unit.rule.forward_facts(unit.module, args, kwargs)
+        # children's outputs are recorded only for a per-sample re-run
+        rec = ChildOutputs(unit, leaves) if facts is None and ChildOutputs.wanted(st) else None
         if rec is not None:
             self._recorders.append(rec)
         try:
@@ -310,6 +312,8 @@ class CaptureHub:
                  "autocast": (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None}
         if rec is not None and rec.records:
             extra["replay"] = rec.records
+        if facts:
+            extra.update(facts)
         st.count_forward(plan)
         tapped = Tap.apply(
             self, plan, st, extra, len(out_slots), len(saved),

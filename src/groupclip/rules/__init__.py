@@ -10,6 +10,7 @@ from groupclip.rules.embedding import EmbeddingRule
 from groupclip.rules.generic import GenericRule
 from groupclip.rules.linear import HFConv1DRule, LinearRule
 from groupclip.rules.norms import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from groupclip.rules.vit import HFViTEmbeddingsRule
 
 #: Ordered registry of dedicated rules. Modules matching none fall back to GENERIC.
 REGISTRY: list[Rule] = [
@@ -21,6 +22,7 @@ REGISTRY: list[Rule] = [
     RMSNormRule(),
     GroupNormRule(),
     InstanceNormRule(),
+    HFViTEmbeddingsRule(),
 ]
 GENERIC = GenericRule()
 

@@ -54,6 +54,12 @@ class Rule:
     def input_grad(self, module: nn.Module, use: Use, needs: bool) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def forward_facts(self, module: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+        """For a call through the generic path (`in_function` False): facts taken in forward that let the rule
+        compute its per-sample gradients without a per-sample re-run (merged into the use's `extra`), or None:
+        the re-run is needed (the outputs of children that read the module's inputs are recorded for it)."""
+        return None
+
     def norms2(self, use: Use, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Per-sample squared gradient norms (B,) in float32 or wider, one entry per name."""
         return {n: kernels.clip_coef(self.norm_parts(use, (n,)), "norm2") for n in names}
