@@ -28,24 +28,32 @@ class _Use:
 
 class _Trial(TailTrial):
     """The trial on fake clocks: `now` (GPU, ms) is what its marks read, `host` (ms) its host clock. A head start
-    moves `now` by its length and records it in `spins`; `behind` says whether the GPU had passed the spin's end
-    when the host finished the pass."""
+    moves `now` by its length and records it in `spins`; `behind` says whether the GPU had passed a mark of the pass
+    with the head start (a bool, or a function of whether it is asked at a clipped layer or at the pass's end)."""
 
     def __init__(self, t):
         super().__init__(t)
         self.now = self.host = 0.0
         self.spins: list[float] = []
         self.behind = False
+        self.in_tick = False
+        self.ticks = 0
 
     def _head_start(self, ms):
         self.spins.append(ms)
         self.now += ms
 
+    def tick(self):
+        self.in_tick, self.ticks = True, self.ticks + 1
+        super().tick()
+        self.in_tick = False
+
     def _finished(self, mark):
-        return self.behind
+        return self.behind(self.in_tick) if callable(self.behind) else self.behind
 
     def saw(self, use):
         self.samples, self.device = use.batch_size, "a GPU"
+        self.tick()
 
     def _clock(self):
         return self.host / 1e3
@@ -72,7 +80,8 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, 
         ms = step_ms(on, i)
         trial.now += busy * ms if len(trial.spins) > spins else ms
         trial.host += host_share * ms
-        trial.saw(_Use(batch(on, i) if callable(batch) else batch))
+        for _ in range(4):  # four clipped layers
+            trial.saw(_Use(batch(on, i) if callable(batch) else batch))
         if on:
             trial.tails.replays += replays_per_step
             trial.tails.captures += captures(i)
@@ -202,6 +211,23 @@ def test_idle_share_is_of_the_whole_step():
     trial, period = _Trial(_Tails()), 200.0
     assert run() is False
     assert trial.report["step_ms"] == pytest.approx(200.0)
+
+
+def test_a_gpu_that_catches_up_within_the_pass_makes_the_head_start_inconclusive():
+    # the pass's end alone looks fine, but at a clipped layer the GPU had reached a mark two layers back
+    trial = _Trial(_Tails())
+    trial.behind = lambda at_layer: at_layer
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    assert len(trial.spins) == 2 and keep is True and trial.report["gpu_busy_ms"] is None
+
+
+def test_a_gpu_that_stays_behind_at_every_layer_gives_a_measurement():
+    # the host may wait for the queue (a spin shorter than its pass): what counts is that the GPU never caught up
+    trial = _Trial(_Tails())
+    trial.behind = lambda at_layer: False
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    assert keep is False and passes == _off_passes() and len(trial.spins) == 1
+    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
 
 
 def test_a_head_start_the_host_did_not_outrun_is_doubled_then_the_graphs_are_tried():

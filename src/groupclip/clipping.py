@@ -284,6 +284,8 @@ class Clipper:
         gradients, the saved input and output gradient too) until the group completes."""
         rule = use.unit.rule
         splits = self._split(use, names)
+        if self.tail_trial is not None:
+            self.tail_trial.tick()
         graphed = self._graphed_norm(use, splits) if self.tails is not None else None
         early = use.cache.setdefault("n2g", {})
         if graphed is not None:

@@ -10,13 +10,14 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    GPU time (CUDA events): where the host took less than `HOST_SHARE` of it, the GPU is the slower and the graphs
    cannot help: they stay off, and the loop never pays their memory;
 3. otherwise one more pass measures how long the GPU itself works in a backward pass: the GPU is first given a head
-   start (`_head_start`: a spin kernel longer than the host's backward), so the host has queued all of the pass
-   before the GPU reaches it and the time from the spin's end to the pass's end is pure GPU work. The time the GPU
+   start (`_head_start`: a spin kernel longer than the host's backward), so the GPU works through the pass without
+   waiting for the host and the time from the spin's end to the pass's end is pure GPU work. The time the GPU
    idled in a backward pass (its GPU time in step 2 minus that) is all the graphs could save: where it is less than
    `MIN_GAIN` of a step, the graphs stay off without being tried (the host was slow, but not slower than the GPU
-   by enough). Where the host reached the pass's end after the spin had ended (the spin was too short, or the
-   launch queue filled up and held the host back), the measurement says nothing and is tried once more with a
-   spin twice as long, then skipped;
+   by enough). That the GPU never waited is checked at every clipped layer (`tick`): a mark recorded two layers
+   earlier must still be ahead of the GPU (a spin shorter than the host's pass is fine as long as the launch queue
+   stays full: the host then waits for the GPU, not the other way round). Where the GPU caught up with the host,
+   the measurement says nothing: it is tried once more with a spin twice as long, then skipped;
 4. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
    and until a step captures nothing (after `MAX_ON_STEPS` steps that still capture, they are dropped);
 5. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
@@ -87,6 +88,8 @@ class TailTrial:
         self._host_ms = 0.0  # the longest host time of a timed backward pass
         self._head_start_ms: float | None = None  # the next pass gets this head start (None: no probe due)
         self._probe: tuple[object, object] | None = None  # (mark before, mark after) the spin of this pass
+        self._ticks: list = []  # marks at the clipped layers of the pass with a head start, the spin's end first
+        self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
         self._probes = 0
         self._probe_report: dict = {}
         self.report: dict | None = None
@@ -99,6 +102,7 @@ class TailTrial:
                 before = self._mark()
                 self._head_start(self._head_start_ms)
                 self._probe = (before, self._mark())
+                self._ticks, self._caught_up = [self._probe[1]], False
             else:
                 self._begin = (self._mark(), self._clock())
 
@@ -107,6 +111,16 @@ class TailTrial:
         g = use.grad_out
         if isinstance(g, torch.Tensor) and g.is_cuda:
             self.samples, self.device = use.batch_size, g.device
+        self.tick()
+
+    def tick(self) -> None:
+        """A clipped layer's backward reached the host (in the pass with a head start: is the GPU still behind?)."""
+        if self._probe is None or self._caught_up:
+            return
+        ticks = self._ticks
+        ticks.append(self._mark())
+        if len(ticks) >= 3 and self._finished(ticks[-3]):
+            self._caught_up = True
 
     def end_of_backward(self) -> bool | None:
         """Called at the end of each backward pass; True / False (keep the graphs or not) once decided."""
@@ -144,7 +158,9 @@ class TailTrial:
         """End of a pass that began with a head start: off if the GPU idles too little in a backward pass."""
         _, after = probe
         end = self._mark()
-        if self._finished(after):  # the host was not ahead all the way: the GPU may have waited for it
+        ticks, self._ticks = self._ticks, []
+        if self._caught_up or self._finished(ticks[-2] if len(ticks) >= 2 else after):
+            # the GPU caught up with the host somewhere in the pass: it may have waited for it
             self._probes += 1
             if self._probes < 2:
                 self._head_start_ms *= 2
