@@ -49,3 +49,22 @@ def test_gpu_benchmark_tiny_run_and_table(tmp_path):
     for line in body:
         assert line.count("|") == header.count("|")
         assert " / " in line.split(" | ")[3]  # both rounds' samples/s
+
+
+def test_host_proxy_tiny_run(tmp_path):
+    """The CPU proxy of host time (`benchmarks/host_proxy.py`): every mode measured, the tail modes really replay."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "proxy.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                       if p)}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_proxy.py"), "--out", str(out), "--steps", "2",
+                          "--rounds", "1", "--warmup", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["nonprivate", "layer-wise", "layer-wise-tails", "all-layer-tails"]
+    for r in rows:
+        assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["step_ms"] > 0
+    assert rows[1]["tail_replays"] == 0 and rows[2]["tail_replays"] > 0 and rows[3]["tail_replays"] > 0
