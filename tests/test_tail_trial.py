@@ -230,6 +230,15 @@ def test_a_gpu_that_stays_behind_at_every_layer_gives_a_measurement():
     assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
 
 
+def test_without_a_spin_kernel_the_graphs_are_tried(monkeypatch):
+    # a PyTorch without torch.cuda._sleep: no head start, the timed comparison decides as before
+    monkeypatch.setattr(torch.cuda, "_sleep", None, raising=False)
+    trial = _Trial(_Tails())
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    assert not trial.spins and keep is True and passes == _passes_to_decision() - 1
+    assert "gpu_busy_ms" not in trial.report
+
+
 def test_a_head_start_the_host_did_not_outrun_is_doubled_then_the_graphs_are_tried():
     trial = _Trial(_Tails())
     trial.behind = True  # the GPU always passed the spin before the host's end: no measurement

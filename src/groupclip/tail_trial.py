@@ -146,7 +146,7 @@ class TailTrial:
             if share is not None and share < HOST_SHARE:
                 return self._decide(None, None, f"GPU-bound: a backward pass's host time is {share:.0%} of its "
                                                 "GPU time")
-            if share is not None and self._period_ms:
+            if share is not None and self._period_ms and self._can_spin():
                 self._head_start_ms = HEAD_START_FACTOR * self._host_ms + HEAD_START_MS
                 return None
             self._switch_on()
@@ -258,6 +258,12 @@ class TailTrial:
     @staticmethod
     def _clock() -> float:
         return time.perf_counter()
+
+    @staticmethod
+    def _can_spin() -> bool:
+        """Whether this PyTorch has the spin kernel (a private helper of torch.cuda; without it the graphs are tried
+        as they were before the head start existed)."""
+        return callable(getattr(torch.cuda, "_sleep", None))
 
     def _head_start(self, ms: float) -> None:
         """Keep the GPU busy for at least `ms` on the gradients' stream (a spin kernel)."""
