@@ -86,7 +86,7 @@ class TailTrial:
         self._period_ms: float | None = None  # median time from one backward pass's end to the next one's
         self._host_ms = 0.0  # the longest host time of a timed backward pass
         self._head_start_ms: float | None = None  # the next pass gets this head start (None: no probe due)
-        self._probe: tuple[object, object] | None = None  # (mark before, mark after) the spin of this pass
+        self._probe = None  # the mark after the spin of this pass (None: no head start in it)
         self._ticks: list = []  # marks at the clipped layers of the pass with a head start, the spin's end first
         self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
         self._probes = 0
@@ -98,10 +98,9 @@ class TailTrial:
         self._begin = None
         if self._on_from is None and self.device is not None and self._passes >= WARM_STEPS and not capturing():
             if self._head_start_ms is not None:
-                before = self._mark()
                 self._head_start(self._head_start_ms)
-                self._probe = (before, self._mark())
-                self._ticks, self._caught_up = [self._probe[1]], False
+                self._probe = self._mark()
+                self._ticks, self._caught_up = [self._probe], False
             else:
                 self._begin = (self._mark(), self._clock())
 
@@ -153,9 +152,8 @@ class TailTrial:
             return None
         return self._compare(samples)
 
-    def _probed(self, probe: tuple[object, object]) -> bool | None:
+    def _probed(self, after) -> bool | None:
         """End of a pass that began with a head start: off if the GPU idles too little in a backward pass."""
-        _, after = probe
         end = self._mark()
         ticks, self._ticks = self._ticks, []
         if self._caught_up or self._finished(ticks[-2] if len(ticks) >= 2 else after):
