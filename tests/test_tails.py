@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import groupclip
-from groupclip import kernels, tails
+from groupclip import clipping, kernels, tails
 from groupclip.rules import base
 from groupclip.tails import TailGraphs
 
@@ -31,22 +31,31 @@ def _quiet():
 
 
 class _FakeGraph:
-    def __init__(self):
+    """Replay: the tail run again, its results written into the graph's buffers (what a CUDA graph's replay does)."""
+
+    def __init__(self, tail=None, res=None):
         self.replayed = 0
+        self.tail, self.res = tail, res
 
     def replay(self):
         self.replayed += 1
+        if self.res is not None:
+            self.res.write(self.tail())
 
 
 def _fake_capture(tg: TailGraphs, log: list):
-    def capture(slot, key, tail, uses, own_gram, copy):
+    def capture(slot, key, tail, uses, own_gram, copy, owners=None):
         slot.captures += 1
         del slot.graphs[tails.GRAPHS_PER_SLOT - 1:]
-        res = tails._results(tail(), slot)
-        slot.graphs.insert(0, (key, _FakeGraph(), res))
+        place = tails._place(tail(), slot)
+        res = tails._results(tail(), slot, place)
+        graph = _FakeGraph(tail, res)
+        slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         log.append(key)
-        return res.copies() if copy else res.views()
+        if not tg._free(res, copy, owners):
+            return None
+        return tg._replay(graph, res, copy, owners)
 
     tg._capture = capture
 
@@ -65,15 +74,16 @@ def test_run_policy_capture_when_a_key_comes_back_then_replay():
     got = tg.run(slot, ("k1",), tail, use)  # the same key again: captured (and its result returned)
     assert captured == [("k1",)] and torch.equal(got[0], out) and got[0] is not out
     got = tg.run(slot, ("k1",), tail, use)  # replay: a copy of the graph's result buffer
-    assert tg._slots[slot].graphs[0][1].replayed == 1 and tg.replays == 1
+    # (a capture replays its graph once for its results: 2 replays)
+    assert tg._slots[slot].graphs[0][1].replayed == 2 and tg.replays == 2
     assert torch.equal(got[0], out) and got[0] is not out
     assert tg.run(("plan", 1), ("k1",), tail, use) is None  # another slot has its own history
     # addresses alternating between two sets, step after step (a batch moved to the GPU while the last one lives)
     assert tg.run(slot, ("k2",), tail, use) is None
-    assert tg.run(slot, ("k1",), tail, use) is not None and tg.replays == 2
-    assert tg.run(slot, ("k2",), tail, use) is not None and captured[-1] == ("k2",)
     assert tg.run(slot, ("k1",), tail, use) is not None and tg.replays == 3
-    assert tg.run(slot, ("k2",), tail, use) is not None and tg.replays == 4
+    assert tg.run(slot, ("k2",), tail, use) is not None and captured[-1] == ("k2",)
+    assert tg.run(slot, ("k1",), tail, use) is not None and tg.replays == 5
+    assert tg.run(slot, ("k2",), tail, use) is not None and tg.replays == 6
     # a third set: captured when it comes back, in place of the least recently used graph (k1)
     assert tg.run(slot, ("k3",), tail, use) is None
     assert tg.run(slot, ("k3",), tail, use) is not None and captured[-1] == ("k3",)
@@ -99,8 +109,8 @@ def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
 def test_results_one_flat_buffer_shared_by_a_slots_graphs():
     slot = tails._Slot()
     first = [torch.randn(3, 2), torch.randn(2)]
-    res = tails._results(first, slot)  # no graph yet: a new flat buffer
-    assert res.flat is not None and res.flat.numel() == 8
+    res = tails._results(first, slot)  # no graph yet: a new flat buffer (made in the capture: copied out, never lent)
+    assert res.flat is not None and res.flat.numel() == 8 and res.lender is None
     w, b = res.copies()
     assert torch.equal(w, first[0]) and torch.equal(b, first[1])
     assert w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != res.flat.data_ptr()  # one copy
@@ -114,9 +124,71 @@ def test_results_one_flat_buffer_shared_by_a_slots_graphs():
     assert tails._results(other, slot) is not res
     mixed = [torch.randn(2), torch.randn(2, dtype=torch.float64)]  # no common dtype: the results themselves
     res = tails._results(mixed, slot)
-    assert res.flat is None and res.outs is mixed
+    assert res.flat is None and res.outs is mixed and tails._place(mixed, tails._Slot()) is None
     copies = res.copies()
     assert all(torch.equal(c, m) and c is not m for c, m in zip(copies, mixed, strict=True))
+
+
+def test_lent_results_are_views_of_the_buffer_and_reclaimed_before_it_is_written_again():
+    tg, captured = TailGraphs(), []
+    _fake_capture(tg, captured)
+    vals = [torch.randn(3, 2), torch.randn(2)]
+    w, b = nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(2))
+    slot, use, owners = ("plan", 0), (_Use(),), (w, b)
+
+    def run():
+        return tg.run(slot, ("k",), lambda: [v.clone() for v in vals], use, owners=owners)
+
+    assert run() is None  # first sighting: eager
+    got = run()  # captured and replayed: the results are lent, not copied
+    res = tg._slots[slot].graphs[0][2]
+    assert all(g._base is res.flat for g in got)
+    assert torch.equal(got[0], vals[0]) and torch.equal(got[1], vals[1])
+    clipping._add_grad(w, got[0])
+    clipping._add_grad(b, got[1])
+    del got
+    assert w.grad._base is res.flat  # p.grad is the graph's buffer (no copy)
+    # p.grad still there at the next replay (zero_grad(set_to_none=False), or micro-batches adding up): it gets its own
+    # copy first, so the replay cannot change it
+    first = [v.clone() for v in vals]
+    lent_at = w.grad.data_ptr()
+    vals = [torch.randn(3, 2), torch.randn(2)]
+    got = run()
+    assert got is not None and w.grad.data_ptr() != lent_at and w.grad._base is not res.flat
+    assert torch.equal(w.grad, first[0]) and torch.equal(b.grad, first[1])
+    assert torch.equal(got[0], vals[0]) and torch.equal(got[1], vals[1])
+    clipping._add_grad(w, got[0])
+    torch.testing.assert_close(w.grad, first[0] + vals[0])
+    del got
+    # a holder other than p.grad (a view of a lent p.grad): the buffer is not written, the tail runs eagerly
+    w.grad = b.grad = None
+    got = run()
+    w.grad, b.grad = got
+    kept = w.grad.view(-1)
+    held = kept.clone()
+    del got
+    replays = tg.replays
+    vals = [torch.randn(3, 2), torch.randn(2)]
+    assert run() is None and tg.held == 1 and tg.replays == replays
+    assert torch.equal(kept, held)
+    del kept
+    got = run()  # released: lent again
+    assert got is not None and torch.equal(got[0], vals[0]) and tg.held == 1
+
+
+def test_results_are_copied_without_owners_or_a_reference_count(monkeypatch):
+    tg, captured = TailGraphs(), []
+    _fake_capture(tg, captured)
+    p = nn.Parameter(torch.zeros(2))
+    tail, use = (lambda: [torch.ones(2)]), (_Use(),)
+    tg.run(("plan", 0), ("k",), tail, use)
+    got = tg.run(("plan", 0), ("k",), tail, use)  # no owners: copies
+    assert got[0]._base is not tg._slots[("plan", 0)].graphs[0][2].flat
+    monkeypatch.setattr(tails, "_USE_COUNT", None)  # a PyTorch without the storage reference count
+    tg.run(("plan", 1), ("k",), tail, use, owners=(p,))
+    got = tg.run(("plan", 1), ("k",), tail, use, owners=(p,))
+    res = tg._slots[("plan", 1)].graphs[0][2]
+    assert res.lender is None and got[0]._base is not res.flat
 
 
 def test_replay_and_capture_leave_the_shared_input_without_reading_or_keeping_tiles():
@@ -213,7 +285,7 @@ def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(mo
     monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
     calls = []
 
-    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True):
+    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None):
         calls.append((slot_id, [u.unit.label() for u in uses], own_gram, key))
         return tail()
 
@@ -277,6 +349,29 @@ def test_graphed_tails_equal_the_eager_engine(autocast):
     assert tg.captures >= 3 and tg.replays > tg.captures, (tg.captures, tg.replays)
     for slot in tg._slots.values():  # a layer's graphs share one result buffer
         assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res in slot.graphs)
+
+
+@cuda
+@pytest.mark.parametrize("set_to_none,passes", [(True, 1), (True, 2), (False, 1)])
+def test_lent_grads_with_kept_grads_and_micro_batches_equal_the_eager_engine(set_to_none, passes):
+    """p.grad lent from the graphs' buffers: kept by zero_grad(set_to_none=False) or added up over two backward
+    passes a step, they must still equal the eager engine's (a replay first gives them their own copy)."""
+    ref_model, ref_opt, model, eng, opt = _eager_and_tails()
+    gen = torch.Generator("cuda").manual_seed(4)
+    lent = 0
+    for step in range(10):
+        x = torch.randn(8, 160, 12, device="cuda", generator=gen)
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            o.zero_grad(set_to_none=set_to_none)
+            for part in x.split(8 // passes):  # several backward passes add up into p.grad
+                m(part).float().square().mean().backward()
+        lent += sum(p.grad._base is not None for p in model.parameters())
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=f"step {step}, {n}")
+    tg = eng.clipper.tails
+    assert tg.replays > tg.captures >= 1, (tg.captures, tg.replays)
+    if set_to_none and passes == 1:  # replayed layers' p.grad are the graphs' buffers
+        assert lent > 0
 
 
 @cuda

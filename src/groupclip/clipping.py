@@ -118,7 +118,8 @@ class Clipper:
         # per call plan (fixed for the engine's life, like the groups) and names: those names split by group, as
         # (group, names, set of names)
         self._splits: dict[tuple, tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]] = {}
-        self._names_in: dict[tuple, tuple[str, ...]] = {}  # (call plan, group) -> the plan's names in that group
+        # (call plan, group) -> the plan's names in that group, and their parameters
+        self._names_in: dict[tuple, tuple[tuple[str, ...], tuple[nn.Parameter, ...]]] = {}
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
@@ -212,7 +213,8 @@ class Clipper:
             with one_coefficient():
                 return [coef, *[u.unit.rule.clipped_sum(u, coef, n) for _, (u, n) in chosen]]
 
-        outs = self.tails.run(("group", k), key, tail, [u for _, (u, _) in chosen], own_gram=False)
+        owners = (None, *[u.unit.params[n] for _, (u, n) in chosen])  # the coefficient is not kept
+        outs = self.tails.run(("group", k), key, tail, [u for _, (u, _) in chosen], own_gram=False, owners=owners)
         if outs is None:
             return None
         return outs[0], {i: s for (i, _), s in zip(chosen, outs[1:], strict=True)}
@@ -234,9 +236,11 @@ class Clipper:
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
         slot = (u.plan, k)
-        names = self._names_in.get(slot)
-        if names is None:
-            names = self._names_in[slot] = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
+        known = self._names_in.get(slot)
+        if known is None:
+            names = next((ns for g, ns, _ in self._split(u, u.names) if g == k), ())
+            known = self._names_in[slot] = (names, tuple(u.unit.params[n] for n in names))
+        names, params = known
         if not names:
             return
         tails = self.tails
@@ -246,13 +250,14 @@ class Clipper:
             if tails.active:
                 key = tails.key(u, names, self._tail_settings(k))
                 if key is not None:
-                    sums = tails.run(slot, key, lambda: self._tail(k, u, names), (u,))
+                    # the sums are lent: p.grad become views of the graph's result buffer
+                    sums = tails.run(slot, key, lambda: self._tail(k, u, names), (u,), owners=params)
                     if sums is not None:
-                        for n, s in zip(names, sums, strict=True):
-                            _add_grad(u.unit.params[n], s)
+                        for p, s in zip(params, sums, strict=True):
+                            _add_grad(p, s)
                         return
-        for n, s in zip(names, self._tail(k, u, names), strict=True):
-            _add_grad(u.unit.params[n], s)
+        for p, s in zip(params, self._tail(k, u, names), strict=True):
+            _add_grad(p, s)
 
     def begin_of_backward(self) -> None:
         """Called by the hub when a backward pass reaches its first use (the tail-graph trial times the pass)."""

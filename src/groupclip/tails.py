@@ -101,6 +101,7 @@ class TailGraphs:
         self._broken = False
         self.replays = 0  # counters, for tests and benchmarks
         self.captures = 0
+        self.held = 0  # replays skipped (run eagerly) because lent results were still held
 
     @staticmethod
     def key(use: Use, names: tuple[str, ...], settings: tuple) -> tuple | None:
@@ -152,11 +153,14 @@ class TailGraphs:
         return tuple(parts), taken
 
     def run(self, slot_id: tuple, key: tuple, tail: Callable[[], list[torch.Tensor]],
-            uses: Sequence[Use], own_gram: bool = True, copy: bool = True) -> list[torch.Tensor] | None:
+            uses: Sequence[Use], own_gram: bool = True, copy: bool = True,
+            owners: Sequence[torch.nn.Parameter | None] | None = None) -> list[torch.Tensor] | None:
         """The tail's results from a replay or a new capture, or None: the caller runs the tail eagerly. `uses`: the
         uses it reads (their caches are restored around a capture); `own_gram`: they are single-use tails whose
         shared q/k/v Gram tiles the graph does not touch (`_own_gram`). `copy=False`: the graph's own buffers are
-        returned, valid until this slot's next replay (results consumed within the same backward pass)."""
+        returned, valid until this slot's next replay (results consumed within the same backward pass).
+        `owners`: the parameter whose p.grad each result becomes (None: a result not kept); the results are then
+        lent (views of the graph's buffer, no copy, `_Results.reclaim`)."""
         if self._broken:
             return None
         slot = self._slots.get(slot_id)
@@ -167,26 +171,38 @@ class TailGraphs:
             if gkey == key:
                 if i:
                     graphs.insert(0, graphs.pop(i))
+                if not self._free(res, copy, owners):
+                    return None
                 if own_gram:
                     _own_gram(uses)
-                return self._replay(graph, res, copy)
+                return self._replay(graph, res, copy, owners)
         seen = key in slot.seen
         if not seen or slot.captures >= MAX_CAPTURES:
             if not seen:
                 slot.seen.insert(0, key)
                 del slot.seen[SEEN_PER_SLOT:]
             return None
-        return self._capture(slot, key, tail, uses, own_gram, copy)
+        return self._capture(slot, key, tail, uses, own_gram, copy, owners)
 
-    def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results, copy: bool = True) -> list[torch.Tensor]:
-        """Run the graph on the current stream; copies of its results (its buffers are rewritten next replay), or
-        with copy=False the buffers themselves."""
+    def _free(self, res: _Results, copy: bool, owners: Sequence | None) -> bool:
+        """Whether a replay may rewrite the buffer of `res` now (False: something still holds results it lent)."""
+        if not copy or owners is None or res.lender is None or res.reclaim(owners):
+            return True
+        self.held += 1
+        return False
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results, copy: bool = True,
+                owners: Sequence | None = None) -> list[torch.Tensor]:
+        """Run the graph on the current stream; its results lent (`owners` given: see `_Results.reclaim`), copied
+        (its buffers are rewritten next replay), or with copy=False the buffers themselves."""
         graph.replay()
         self.replays += 1
-        return res.copies() if copy else res.views()
+        if not copy or (owners is not None and res.lender is not None):
+            return res.views()
+        return res.copies()
 
     def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]], uses: Sequence[Use],
-                 own_gram: bool, copy: bool) -> list[torch.Tensor] | None:
+                 own_gram: bool, copy: bool, owners: Sequence | None = None) -> list[torch.Tensor] | None:
         slot.captures += 1
         del slot.graphs[GRAPHS_PER_SLOT - 1:]  # the least recently used goes first: its memory returns to the pool
         if own_gram:
@@ -200,11 +216,12 @@ class TailGraphs:
             side.wait_stream(current)
             with torch.cuda.stream(side), memos_off():
                 _reset(uses, before)
-                tail()  # warm-up on the capture stream: libraries set up their per-stream state outside the capture
+                # warm-up on the capture stream: libraries set up their per-stream state outside the capture
+                place = _place(tail(), slot, current)
                 _reset(uses, before)
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 capturing = True
-                res = _results(tail(), slot)
+                res = _results(tail(), slot, place)
                 capturing = False
                 graph.capture_end()
             current.wait_stream(side)
@@ -227,31 +244,49 @@ class TailGraphs:
         slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         self.captures += 1
-        return self._replay(graph, res, copy)
+        if not self._free(res, copy, owners):  # the buffer it shares with the slot's other graph is still held
+            return None
+        return self._replay(graph, res, copy, owners)
 
 
 class _Results:
     """Where a graph leaves its results: one flat buffer holding them all (one copy out per replay instead of one
-    per result), or, where they differ in dtype or device, the results themselves."""
+    per result), or, where they differ in dtype or device, the results themselves.
 
-    __slots__ = ("flat", "places", "outs")
+    A flat buffer made before its capture (`_place`) lives outside the graphs' memory pool, so no graph uses it as
+    scratch memory: its results can be lent instead of copied, p.grad becoming views of the buffer itself (no copy,
+    no second buffer) that later replays of other layers' graphs leave alone. Before the graph writes the buffer
+    again, `reclaim` makes sure nothing still reads what it lent: in a loop that sets p.grad to None between steps
+    (`zero_grad()`'s default) nothing does. A p.grad that is still there (`zero_grad(set_to_none=False)`,
+    micro-batches adding up into it) gets its own copy first; any other holder (a view of a lent p.grad kept
+    elsewhere) keeps the buffer, and that replay is skipped (the tail runs eagerly). Holders are counted by the
+    reference count of the buffer's storage."""
 
-    def __init__(self, outs: list[torch.Tensor]) -> None:
-        self.outs = outs
+    __slots__ = ("flat", "places", "outs", "signature", "lender", "_idle")
+
+    def __init__(self, outs: list[torch.Tensor], lend: bool = False) -> None:
+        self.signature = [(o.shape, o.dtype, o.device) for o in outs]
+        self.outs: list[torch.Tensor] | None = None  # the results themselves, where there is no flat buffer
         self.flat = None
+        self.lender = None  # the flat buffer's storage, where its results are lent (None: they are copied)
         self.places: list[tuple[torch.Size, tuple[int, ...], int]] = []  # (shape, contiguous strides, offset)
-        if outs and all(o.dtype == outs[0].dtype and o.device == outs[0].device for o in outs):
-            start = 0
-            for o in outs:
-                self.places.append((o.shape, _contiguous_strides(o.shape), start))
-                start += o.numel()
-            self.flat = torch.empty(start, dtype=outs[0].dtype, device=outs[0].device)
-            self.write(outs)
+        if not (outs and all(o.dtype == outs[0].dtype and o.device == outs[0].device for o in outs)):
+            self.outs = outs
+            return
+        start = 0
+        for o in outs:
+            self.places.append((o.shape, _contiguous_strides(o.shape), start))
+            start += o.numel()
+        self.flat = torch.empty(start, dtype=outs[0].dtype, device=outs[0].device)
+        if lend and _USE_COUNT is not None:
+            # kept, so that the count of references with no result lent (`_idle`) stays what it is now
+            self.lender = self.flat.untyped_storage()
+            self._idle = _USE_COUNT(self.lender._cdata)
 
     def fits(self, outs: list[torch.Tensor]) -> bool:
-        return len(outs) == len(self.outs) and all(
-            b.shape == o.shape and b.dtype == o.dtype and b.device == o.device
-            for b, o in zip(self.outs, outs, strict=True))
+        return len(outs) == len(self.signature) and all(
+            o.shape == shape and o.dtype == dtype and o.device == device
+            for o, (shape, dtype, device) in zip(outs, self.signature, strict=True))
 
     def write(self, outs: list[torch.Tensor]) -> None:
         if self.flat is not None:
@@ -259,6 +294,18 @@ class _Results:
         else:
             for b, o in zip(self.outs, outs, strict=True):
                 b.copy_(o)
+
+    def reclaim(self, owners: Sequence[torch.nn.Parameter | None]) -> bool:
+        """Whether nothing holds the results lent at the last replay any more, after giving each p.grad among
+        `owners` that is still one of them its own copy. (Only for a buffer with a `lender`.)"""
+        cdata = self.lender._cdata
+        if _USE_COUNT(cdata) <= self._idle:
+            return True
+        flat = self.flat
+        for p in owners:
+            if p is not None and p.grad is not None and p.grad._base is flat:
+                p.grad = p.grad.clone()  # (no local name may keep the old one while counting below)
+        return _USE_COUNT(cdata) <= self._idle
 
     def copies(self) -> list[torch.Tensor]:
         """The results as new tensors (the graph rewrites its buffers at its next replay): views of one copy."""
@@ -284,16 +331,33 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _results(outs: list[torch.Tensor], slot: _Slot) -> _Results:
-    """Inside a capture: the place of the new graph's results. Where another graph of the slot has results of the same
-    shapes and dtypes, they are copied into its buffers (the copy is part of the graph), so a layer's graphs keep one
-    buffer (the size of its parameters) between them; the capture's own results become scratch memory of the
-    pool. Otherwise they are copied into a new flat buffer."""
+def _place(warm: list[torch.Tensor], slot: _Slot, stream: torch.cuda.Stream | None = None) -> _Results | None:
+    """Before a capture, from the results of its warm-up run: the buffer the graph will write, i.e. that of another
+    graph of the slot with results of the same shapes and dtypes (a layer's graphs keep one buffer, the size of its
+    parameters, between them), or a new flat one, made now so that it lies outside the graphs' memory pool and its
+    results can be lent. It is allocated on `stream`, where the graph replays and its results are read. None where
+    the results have no common dtype and device."""
     for _, _, res in slot.graphs:
+        if res.fits(warm):
+            return res
+    with torch.cuda.stream(stream):
+        res = _Results(warm, lend=True)
+    return res if res.flat is not None else None
+
+
+def _results(outs: list[torch.Tensor], slot: _Slot, place: _Results | None = None) -> _Results:
+    """Inside a capture: the place of the new graph's results, which are copied into it (the copy is part of the
+    graph; the capture's own results become scratch memory of the pool): `place` (`_place`) or another graph's
+    buffer where they fit. Otherwise the results themselves, or a new flat buffer in the pool (its results are
+    copied out after each replay, never lent)."""
+    for res in ([place] if place is not None else []) + [res for _, _, res in slot.graphs]:
         if res.fits(outs):
             res.write(outs)
             return res
-    return _Results(outs)
+    res = _Results(outs)
+    if res.flat is not None:
+        res.write(outs)
+    return res
 
 
 def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
@@ -313,6 +377,8 @@ def _read_by_tail(use: Use, names: tuple[str, ...]) -> tuple | None:
     return None
 
 
+#: references to a storage (tensors and views on it): how `_Results.reclaim` knows whether lent results are still held
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 _STREAM_CAPTURING: list = []  # the query, once CUDA's availability is known
 _GET_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
 
