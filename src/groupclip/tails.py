@@ -188,6 +188,10 @@ class TailGraphs:
         """Whether a replay may rewrite the buffer of `res` now (False: something still holds results it lent)."""
         if not copy or owners is None or res.lender is None or res.reclaim(owners):
             return True
+        if not self.held:
+            log.info("groupclip: a clip-tail graph's results, lent as p.grad, are still referenced (e.g. a view of "
+                     "p.grad kept from the step before): such tails run eagerly (slower, same results) until the "
+                     "reference is dropped")
         self.held += 1
         return False
 
