@@ -46,7 +46,7 @@ WORKLOADS = {
     "vit": {"kind": "vit", "batch": 128, "seq": 0},
 }
 GRAPH = "-graph"  # suffix: forward + backward replayed from a CUDA graph (groupclip.graphs.GraphedBackward)
-TRIAL_CAP = 40  # warm-up steps a groupclip mode may add while its tail-graph trial runs
+TRIAL_CAP = 40  # warm-up steps a groupclip mode may add while its tail-graph trial runs or graphs are captured
 TAILS = "-tails"  # suffix: the eager loop with each layer's clip tail replayed from a CUDA graph (groupclip.tails)
 MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "groupclip-layer-wise-tails", "opacus-hooks",
          "opacus-ghost", "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
@@ -118,6 +118,7 @@ class Setup:
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.engine = None
+        self._captures = -1  # clip-tail graphs captured when trial_pending was last asked
         self.crit_opacus = None
         if mode.startswith("groupclip"):
             import groupclip
@@ -177,8 +178,20 @@ class Setup:
         self.opt.step()
 
     def trial_pending(self) -> bool:
-        """Whether groupclip's tail-graph trial (`tail_graphs="auto"`) has yet to decide."""
-        return self.engine is not None and self.engine.clipper.tail_trial is not None
+        """Whether groupclip's clip-tail graphs have yet to settle (asked once a step): the trial (`tail_graphs=
+        "auto"`) has not decided, or graphs were captured since the last time this was asked (a layer's graph is
+        captured when its tensors come back to one address: a one-time cost of the first steps, which the timed
+        steps of a forced-on mode would otherwise include)."""
+        if self.engine is None:
+            return False
+        clipper = self.engine.clipper
+        if clipper.tail_trial is not None:
+            return True
+        tails = clipper.tails
+        if tails is None or not tails.active:
+            return False
+        before, self._captures = self._captures, tails.captures
+        return tails.captures != before
 
     def close(self):
         if self.engine is not None:
@@ -239,7 +252,8 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         batches = [make_batch(s.kind, s.batch, s.seq, gen, s.small) for _ in range(2)]
         times = []
         # groupclip's default ("auto") times its first steps with and without clip-tail graphs and keeps the
-        # faster (`groupclip.tail_trial`): warm up until it has decided (at most TRIAL_CAP steps more)
+        # faster (`groupclip.tail_trial`): warm up until it has decided and no more graphs are captured (at most
+        # TRIAL_CAP steps more)
         clipper = s.engine.clipper if s.engine is not None else None
         i = done_warm = 0
         while len(times) < steps:

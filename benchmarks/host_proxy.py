@@ -8,7 +8,7 @@ host work:
 - the Triton kernels are replaced by stubs that only allocate their outputs (the GPU path's Python runs, its
   kernels do not: on the GPU they are launches, here they would be slow CPU loops);
 - clip-tail graphs (mode `layer-wise-tails` / `all-layer-tails`) are replaced by a stand-in for the replay: the
-  key is computed and looked up as on the GPU, the first capture's results are kept and handed out as copies (a
+  key is computed and looked up as on the GPU, the first capture's results are kept and lent or copied out (a
   CPU allocator does not return the same addresses step after step, so every later call counts as a hit). The
   replay itself (~5-10 us of host time on an H100) is not included.
 
@@ -73,25 +73,32 @@ def _stub_kernels() -> None:
     )
 
 
-def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True):
+class _StandinGraph:
+    def replay(self) -> None:  # (~5-10 us of host time on an H100, not included)
+        pass
+
+
+def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None):
     """TailGraphs.run without CUDA: the key is looked up as on the GPU; a slot's first capture is kept and every
-    later call replays it (the results copied out as a replay's are)."""
+    later call replays it (the results lent or copied out as a replay's are)."""
     slot = self._slots.get(slot_id)
     if slot is None:
         slot = self._slots[slot_id] = tail_graphs._Slot()
-    for gkey, _, res in slot.graphs:
+    for gkey, graph, res in slot.graphs:
         gkey == key  # noqa: B015 (the comparison a replay makes; the CPU allocator moves the tensors anyway)
+        if not self._free(res, copy, owners):
+            return None
         if own_gram:
             tail_graphs._own_gram(uses)
-        self.replays += 1
-        return res.copies() if copy else res.views()
+        return self._replay(graph, res, copy, owners)
     if not slot.seen:
         slot.seen.append(key)
         return None
-    res = tail_graphs._Results([t.clone() for t in tail()])
-    slot.graphs.append((key, None, res))
+    res = tail_graphs._results(tail(), slot, tail_graphs._place(tail(), slot))
+    graph = _StandinGraph()
+    slot.graphs.append((key, graph, res))
     self.captures += 1
-    return res.copies() if copy else res.views()
+    return self._replay(graph, res, copy, owners)
 
 
 def _model(mode: str):
