@@ -14,16 +14,17 @@ same key again (addresses, shapes, strides and dtypes of every tensor the tail r
 and output gradient, LayerNorm's per-sample gradients from its fused backward; the batch size, the parameters'
 dtypes, the group's threshold and every clipping setting, the TF32 switch, whether the Triton kernels are on), the
 tail is captured as a CUDA graph; from then on, whenever the key matches again, the graph is replayed (~5 µs) and
-its results, which the graph gathers into one flat buffer, are copied out at once (p.grad of the layer's parameters
-are views of that copy). A replay reads whatever the tensors at those addresses hold now, which the key proves to be
-this step's input and output gradient of this layer; anything else runs eagerly, as without this module. The results
-are the same kernels' results on the same inputs (q, k and v recompute their input's Gram instead of sharing it:
-equal up to float32 rounding).
+its results, which the graph gathers into one flat buffer, are lent: p.grad of the layer's parameters become views
+of that buffer, which a later replay writes only once nothing holds them any more (`_Results`). A replay reads
+whatever the tensors at those addresses hold now, which the key proves to be this step's input and output gradient
+of this layer; anything else runs eagerly, as without this module. The results are the same kernels' results on the
+same inputs (q, k and v recompute their input's Gram instead of sharing it: equal up to float32 rounding).
 
 What a captured tail must not read: values cached outside it. It runs with the tensor memos off, the per-use cache
 as backward left it before the tail, and without the Gram tiles that q, k and v otherwise share (each computes its
 own; the reader still counts as arrived). A layer's graphs keep one result buffer between them (the size of its
-parameters, float32) for as long as they live; all graphs share one memory pool for their intermediates.
+parameters, float32), made outside the graphs' memory pool, for as long as they live; all graphs share that pool for
+their intermediates.
 
 A group with several uses (all-layer clipping) waits for its last use: each waiting Linear / LayerNorm use's squared
 norm is a graph of its own (`key` with the "norm2" setting; its buffers, with the per-sample bias gradients the sums
