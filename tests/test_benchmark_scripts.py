@@ -68,3 +68,23 @@ def test_host_proxy_tiny_run(tmp_path):
     for r in rows:
         assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["step_ms"] > 0
     assert rows[1]["tail_replays"] == 0 and rows[2]["tail_replays"] > 0 and rows[3]["tail_replays"] > 0
+
+
+def test_step_jitter_tiny_run(tmp_path):
+    """The per-step probe (`benchmarks/step_jitter.py`) on the CPU with tiny models: every mode, every step recorded
+    with its host time no longer than the step and no tail graphs off the GPU."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "jitter.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                       if p)}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_jitter.py"), "--out", str(out), "--device",
+                          "cpu", "--tiny", "--steps", "3", "--settle", "2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer"]
+    for r in rows:
+        assert len(r["steps"]) == 3
+        assert all(0 < s["host_ms"] <= s["step_ms"] and s["replays"] == 0 for s in r["steps"])
