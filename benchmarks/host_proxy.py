@@ -86,11 +86,12 @@ def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owner
         slot = self._slots[slot_id] = tail_graphs._Slot()
     for gkey, graph, res in slot.graphs:
         gkey == key  # noqa: B015 (the comparison a replay makes; the CPU allocator moves the tensors anyway)
-        if not self._free(res, copy, owners):
+        lend = self._lend(res, copy, owners)
+        if lend is None:
             return None
         if own_gram:
             tail_graphs._own_gram(uses)
-        return self._replay(graph, res, copy, owners)
+        return self._replay(graph, res, copy, lend)
     if not slot.seen:
         slot.seen.append(key)
         return None
@@ -98,7 +99,8 @@ def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owner
     graph = _StandinGraph()
     slot.graphs.append((key, graph, res))
     self.captures += 1
-    return self._replay(graph, res, copy, owners)
+    lend = self._lend(res, copy, owners)
+    return None if lend is None else self._replay(graph, res, copy, lend)
 
 
 def _model(mode: str):

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+import groupclip
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu  # noqa: E402
 
@@ -109,13 +111,7 @@ def main() -> None:
         rows.append(row)
         gpu.log(f"{mode:22s} step {row['min_step_ms']:.1f}-{row['max_step_ms']:.1f} ms (median "
                 f"{row['median_step_ms']:.1f}), host {row['min_host_ms']:.1f}-{row['max_host_ms']:.1f} ms")
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import groupclip
-
-        versions["groupclip"] = groupclip.__version__
-    except (ImportError, AttributeError):
-        pass
+    versions = {"torch": torch.__version__, "groupclip": groupclip.__version__, "python": platform.python_version()}
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
               "versions": versions, "rows": rows}

@@ -53,9 +53,10 @@ def _fake_capture(tg: TailGraphs, log: list):
         slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         log.append(key)
-        if not tg._free(res, copy, owners):
+        lend = tg._lend(res, copy, owners)
+        if lend is None:
             return None
-        return tg._replay(graph, res, copy, owners)
+        return tg._replay(graph, res, copy, lend)
 
     tg._capture = capture
 

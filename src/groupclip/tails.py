@@ -172,11 +172,12 @@ class TailGraphs:
             if gkey == key:
                 if i:
                     graphs.insert(0, graphs.pop(i))
-                if not self._free(res, copy, owners):
+                lend = self._lend(res, copy, owners)
+                if lend is None:
                     return None
                 if own_gram:
                     _own_gram(uses)
-                return self._replay(graph, res, copy, owners)
+                return self._replay(graph, res, copy, lend)
         seen = key in slot.seen
         if not seen or slot.captures >= MAX_CAPTURES:
             if not seen:
@@ -185,26 +186,27 @@ class TailGraphs:
             return None
         return self._capture(slot, key, tail, uses, own_gram, copy, owners)
 
-    def _free(self, res: _Results, copy: bool, owners: Sequence | None) -> bool:
-        """Whether a replay may rewrite the buffer of `res` now (False: something still holds results it lent)."""
-        if not copy or owners is None or res.lender is None or res.reclaim(owners):
+    def _lend(self, res: _Results, copy: bool, owners: Sequence | None) -> bool | None:
+        """Whether the next replay lends its results (False: they are copied out, or with copy=False used in place),
+        or None where it may not rewrite the buffer of `res` now: something still holds results it lent."""
+        if not copy or owners is None or res.lender is None:
+            return False
+        if res.reclaim(owners):
             return True
         if not self.held:
             log.info("groupclip: a clip-tail graph's results, lent as p.grad, are still referenced (e.g. a view of "
                      "p.grad kept from the step before): such tails run eagerly (slower, same results) until the "
                      "reference is dropped")
         self.held += 1
-        return False
+        return None
 
     def _replay(self, graph: torch.cuda.CUDAGraph, res: _Results, copy: bool = True,
-                owners: Sequence | None = None) -> list[torch.Tensor]:
-        """Run the graph on the current stream; its results lent (`owners` given: see `_Results.reclaim`), copied
-        (its buffers are rewritten next replay), or with copy=False the buffers themselves."""
+                lend: bool = False) -> list[torch.Tensor]:
+        """Run the graph on the current stream; its results lent (`_lend`, `_Results.reclaim`), copied (its buffers
+        are rewritten next replay), or with copy=False the buffers themselves."""
         graph.replay()
         self.replays += 1
-        if not copy or (owners is not None and res.lender is not None):
-            return res.views()
-        return res.copies()
+        return res.views() if lend or not copy else res.copies()
 
     def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]], uses: Sequence[Use],
                  own_gram: bool, copy: bool, owners: Sequence | None = None) -> list[torch.Tensor] | None:
@@ -249,9 +251,10 @@ class TailGraphs:
         slot.graphs.insert(0, (key, graph, res))
         slot.seen.remove(key)
         self.captures += 1
-        if not self._free(res, copy, owners):  # the buffer it shares with the slot's other graph is still held
+        lend = self._lend(res, copy, owners)
+        if lend is None:  # the buffer it shares with the slot's other graph is still held
             return None
-        return self._replay(graph, res, copy, owners)
+        return self._replay(graph, res, copy, lend)
 
 
 class _Results:
@@ -267,7 +270,7 @@ class _Results:
     elsewhere) keeps the buffer, and that replay is skipped (the tail runs eagerly). Holders are counted by the
     reference count of the buffer's storage."""
 
-    __slots__ = ("flat", "places", "outs", "signature", "lender", "_idle")
+    __slots__ = ("flat", "places", "outs", "signature", "lender", "_cdata", "_idle")
 
     def __init__(self, outs: list[torch.Tensor], lend: bool = False) -> None:
         self.signature = [(o.shape, o.dtype, o.device) for o in outs]
@@ -286,7 +289,8 @@ class _Results:
         if lend and _USE_COUNT is not None:
             # kept, so that the count of references with no result lent (`_idle`) stays what it is now
             self.lender = self.flat.untyped_storage()
-            self._idle = _USE_COUNT(self.lender._cdata)
+            self._cdata = self.lender._cdata
+            self._idle = _USE_COUNT(self._cdata)
 
     def fits(self, outs: list[torch.Tensor]) -> bool:
         return len(outs) == len(self.signature) and all(
@@ -303,7 +307,7 @@ class _Results:
     def reclaim(self, owners: Sequence[torch.nn.Parameter | None]) -> bool:
         """Whether nothing holds the results lent at the last replay any more, after giving each p.grad among
         `owners` that is still one of them its own copy. (Only for a buffer with a `lender`.)"""
-        cdata = self.lender._cdata
+        cdata = self._cdata
         if _USE_COUNT(cdata) <= self._idle:
             return True
         flat = self.flat
