@@ -396,7 +396,10 @@ def capturing() -> bool:
     """Whether the current CUDA stream is being captured (e.g. by `engine.graphed_backward`). (Called per layer and
     step: CUDA's availability is looked up once, ~10x cheaper than asking torch.cuda.is_available() each time.)"""
     if not _STREAM_CAPTURING:
-        _STREAM_CAPTURING.append(torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else bool)
+        query = bool
+        if torch.cuda.is_available():  # the C function itself where this PyTorch has it (one Python frame less)
+            query = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+        _STREAM_CAPTURING.append(query)
     return _STREAM_CAPTURING[0]()
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from groupclip.capture.casts import StepCasts
     from groupclip.capture.units import Unit
 
 
@@ -61,6 +62,7 @@ class StepState:
         self.backward_started = False
         self.root_calls = 0  # forwards of the whole model in this step
         self.recompute = False  # created for a forward re-run inside a backward pass (checkpointing)
+        self.casts: StepCasts | None = None  # the step's autocast copies of the layers' weights (set by the hub)
 
     def count_forward(self, plan: CallPlan) -> None:
         expected, uses = self.expected, self.param_uses

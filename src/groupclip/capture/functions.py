@@ -18,7 +18,7 @@ class LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hub, plan, state, x, *params):
         unit, x_grad = plan.unit, ctx.needs_input_grad[3]
-        out, saved, extra = unit.rule.forward(unit.module, x, plan.names, x_grad)
+        out, saved, extra = unit.rule.forward(unit.module, x, plan.names, x_grad, state.casts)
         ctx.save_for_backward(*saved)
         ctx.hub, ctx.plan, ctx.state, ctx.extra, ctx.x_grad = hub, plan, state, extra, x_grad
         ctx.batch = x.shape[0] if x.dim() else 1

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from groupclip.capture.casts import CastPlan, StepCasts, cast_sources
 from groupclip.capture.context import CallPlan, ChildOutputs, StepState, Use
 from groupclip.capture.functions import Tap, apply_layer
 from groupclip.capture.units import Unit, batchify
@@ -93,6 +94,8 @@ class CaptureHub:
         # a backward pass failed after clipping some groups into p.grad: until p.grad is cleared, a step would
         # count those samples once more if the batch is run again
         self.partial_grad = False
+        # the tensors rules cast under autocast (Linear weights and biases): a step makes their copies in one batch
+        self._casts = CastPlan(cast_sources([u.module for u in units if getattr(u.rule, "casts_weights", False)]))
 
     # ---------------------------------------------------------------- install / remove
     def install(self) -> None:
@@ -214,10 +217,10 @@ class CaptureHub:
         st = self.state
         if st is None or st.backward_started:
             st = self.state = StepState()
+            st.casts = StepCasts(self._casts)
         return st
 
-    @staticmethod
-    def _recompute_state(current: StepState | None) -> StepState:
+    def _recompute_state(self, current: StepState | None) -> StepState:
         """A forward that runs inside a backward pass re-computes activations (checkpointing). Non-reentrant
         checkpointing only unpacks the tensors saved there: those nodes never run backward, so they get a
         throw-away state and the step's own counts stay untouched. If such a node does run backward
@@ -225,6 +228,7 @@ class CaptureHub:
         st = StepState()
         st.batch_size = None if current is None else current.batch_size
         st.recompute = True
+        st.casts = StepCasts(self._casts)
         return st
 
     def _plan(self, unit: Unit) -> CallPlan | None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from groupclip import kernels
 from groupclip.capture.context import Use
+
+if TYPE_CHECKING:
+    from groupclip.capture.casts import StepCasts
 
 
 class EngineError(RuntimeError):
@@ -44,10 +48,15 @@ class Rule:
     def check(self, module: nn.Module, qualname: str) -> None:
         """Raise EngineError if this module's configuration cannot be clipped per sample."""
 
-    def forward(self, module: nn.Module, x: torch.Tensor, names: tuple[str, ...], x_grad: bool):
+    #: True when `forward` casts the module's weight and bias under autocast (through `casts`)
+    casts_weights = False
+
+    def forward(self, module: nn.Module, x: torch.Tensor, names: tuple[str, ...], x_grad: bool,
+                casts: StepCasts | None = None):
         """Return (output, saved tensors or None, extra dict). Runs with autograd off.
 
-        `names` are the trainable parameters of this call; `x_grad` whether the input needs a gradient.
+        `names` are the trainable parameters of this call; `x_grad` whether the input needs a gradient; `casts`
+        the step's autocast copies of weights (`StepCasts.get(t, dtype)` instead of `t.to(dtype)`).
         """
         raise NotImplementedError
 

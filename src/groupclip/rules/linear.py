@@ -41,12 +41,10 @@ class LinearRule(WeightBiasRule):
     def supports(self, module: nn.Module) -> bool:
         return type(module).forward is nn.Linear.forward
 
-    def _weight(self, module: nn.Module) -> torch.Tensor:
-        w = module.weight
-        return w.t() if self.transposed else w
+    casts_weights = True
 
-    def forward(self, module, x, names, x_grad):
-        w, b = self._weight(module), module.bias
+    def forward(self, module, x, names, x_grad, casts=None):
+        w, b = module.weight, module.bias
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
@@ -54,8 +52,14 @@ class LinearRule(WeightBiasRule):
             dt = torch.get_autocast_dtype(dev)
             if x.is_floating_point() and x.dtype != dt:
                 x = CASTS.get_or_make(x, dt, x.to, dt)
-            # cast the weight once here and keep that copy for the input gradient (autocast would cast it too)
-            w, b = w.to(dt), (None if b is None else b.to(dt))
+            # cast the weight once here and keep that copy for the input gradient (autocast would cast it too);
+            # the step's copies of every layer's weights are made in one batch (`StepCasts`)
+            if w.dtype != dt:
+                w = w.to(dt) if casts is None else casts.get(w, dt)
+            if b is not None and b.dtype != dt:
+                b = b.to(dt) if casts is None else casts.get(b, dt)
+        if self.transposed:
+            w = w.t()
         out = F.linear(x, w, b)
         keep_x = x if "weight" in names else None
         extra = {}

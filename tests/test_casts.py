@@ -1,0 +1,139 @@
+"""A step's autocast copies of the Linear weights (`groupclip.capture.casts`): made in one batch, equal to per-layer
+casts, never stale (in-place updates inside a step, `.data` edits and optimizer steps between steps)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import groupclip
+from groupclip.capture import casts as casts_mod
+from groupclip.capture.casts import CastPlan, StepCasts
+
+DT = torch.bfloat16
+
+
+class Net(nn.Module):
+    def __init__(self, conv1d=False):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.c = nn.Linear(8, 3, bias=False)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            self.b = Conv1D(8, 8)
+            nn.init.normal_(self.b.bias)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _engine(model, opt, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return groupclip.PrivacyEngine(model, opt, batch_size=5, sample_size=50, noise_multiplier=0.0,
+                                       groups=kw.pop("groups", "layer-wise"), seed=0, **kw)
+
+
+def _step(model, opt, x):
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=DT):
+        out = model(x)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    opt.step()
+    return out.detach(), grads
+
+
+def _reference_forward(model, x):
+    """The same weights through plain autocast (no engine)."""
+    plain = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=DT), torch.no_grad():
+        return plain(x)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("groups", ["layer-wise", "all-layer"])
+def test_batched_copies_give_what_per_layer_casts_give(monkeypatch, conv1d, groups):
+    if conv1d:
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = Net(conv1d)
+    xs = [torch.randn(5, 6) for _ in range(3)]
+    runs = {}
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(StepCasts, "get", lambda self, t, dtype: t.to(dtype))
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine = _engine(model, opt, groups=groups)
+        runs[batched] = [_step(model, opt, x) for x in xs]
+        engine.detach()
+    for (out_a, g_a), (out_b, g_b) in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(out_a, out_b)
+        for a, b in zip(g_a, g_b, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_one_batched_copy_per_step(monkeypatch):
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(casts_mod.torch, "_foreach_copy_", lambda dst, src: (calls.append(len(src)), real(dst, src)))
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _engine(model, opt)
+    for i in range(3):
+        _step(model, opt, torch.randn(5, 6))
+        assert calls == [5] * (i + 1)  # a.weight, a.bias, b.weight, b.bias, c.weight in one copy a step
+
+
+def test_copies_follow_optimizer_steps_and_data_edits():
+    torch.manual_seed(0)
+    model = Net()
+    model.b.weight.requires_grad_(False)  # frozen: only the edits below change it (its bias still trains)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _engine(model, opt)
+    for edit in (None, "data", "data"):
+        if edit == "data":  # no version counter moves: only the step's end keeps this from going stale
+            model.b.weight.data.mul_(-2.0)
+        x = torch.randn(5, 6)
+        want = _reference_forward(model, x)
+        out, _ = _step(model, opt, x)
+        assert torch.equal(out, want)
+
+
+def test_weight_changed_in_place_inside_a_step_gets_a_copy_of_its_own():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _engine(model, opt)
+    _step(model, opt, torch.randn(5, 6))
+    x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
+    opt.zero_grad()
+    want1 = _reference_forward(model, x1)
+    with torch.autocast("cpu", dtype=DT):
+        out1 = model(x1)
+        with torch.no_grad():
+            model.a.weight.add_(1.0)  # between two forwards of one step
+        want2 = _reference_forward(model, x2)
+        out2 = model(x2)
+    assert torch.equal(out1.detach(), want1)
+    assert torch.equal(out2.detach(), want2)
+
+
+def test_tensors_outside_the_plan_are_cast_on_their_own():
+    w = nn.Parameter(torch.randn(4, 3))
+    other = torch.randn(4, 3)
+    casts = StepCasts(CastPlan([w]))
+    got = casts.get(other, DT)
+    assert torch.equal(got, other.to(DT))
+    a = casts.get(w, DT)
+    assert torch.equal(a, w.detach().to(DT)) and a.dtype == DT
+    assert casts.get(w, DT).data_ptr() == a.data_ptr()  # the same batched copy again
+    with torch.no_grad():
+        w.mul_(3.0)
+    b = casts.get(w, DT)
+    assert torch.equal(b, w.detach().to(DT)) and torch.equal(a, (w.detach() / 3.0).to(DT))
