@@ -193,3 +193,33 @@ def test_zero_noise_multiplier_warns_not_private_and_adds_no_noise():
         assert float(noise.abs().max()) < 1e-12
     finally:
         engine.detach()
+
+
+def test_one_draw_per_kind_in_order_of_first_appearance(monkeypatch):
+    """GaussianNoise.add_to with gradients of two dtypes, interleaved: each kind gets one draw from the device's
+    generator, kinds in the order their first gradient appears, each draw cut in parameter order (what a seed has
+    always meant); a chunk limit splits a kind's draw at parameter boundaries."""
+    from groupclip import noise as noise_mod
+
+    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32), ((6,), torch.float64)]
+    for chunk in (noise_mod.CHUNK, 13):
+        monkeypatch.setattr(noise_mod, "CHUNK", chunk)
+        params = [nn.Parameter(torch.zeros(s, dtype=d)) for s, d in shapes]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        gn = noise_mod.GaussianNoise(2.0, 1.5, 4, seed=7)
+        gn.add_to(params)
+        gen = torch.Generator().manual_seed(7)
+        std = 2.0 * 1.5 / 4
+        for kind in (torch.float32, torch.float64):
+            members = [p for p in params if p.dtype == kind]
+            batches, size = [[]], 0  # greedy: a draw holds whole parameters, at most `chunk` elements
+            for m in members:
+                if batches[-1] and size + m.numel() > chunk:
+                    batches, size = [*batches, []], 0
+                batches[-1].append(m)
+                size += m.numel()
+            for batch in batches:
+                flat = torch.randn(sum(p.numel() for p in batch), generator=gen, dtype=kind) * std
+                for p, v in zip(batch, flat.split([p.numel() for p in batch]), strict=True):
+                    torch.testing.assert_close(p.grad, v.view_as(p), rtol=1e-6, atol=0)

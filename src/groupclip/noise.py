@@ -45,20 +45,20 @@ class GaussianNoise:
         """Add noise to every gradient: one draw per device and dtype (in chunks of at most CHUNK elements)
         and one fused add, rather than two launches per parameter."""
         std = self.std
-        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        grads = []
         for p in params:
             g = p.grad
             if g is None:
                 g = p.grad = torch.zeros_like(p)
-            if std > 0:
-                by_kind.setdefault((g.device, g.dtype), []).append(g)
-        for (device, dtype), grads in by_kind.items():
+            grads.append(g)
+        if std <= 0:
+            return
+        for (device, dtype), kind in _by_kind(grads):
             gen = self.generator(device)
-            for chunk in _chunks(grads, CHUNK):
-                sizes = [g.numel() for g in chunk]
-                flat = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
-                noise = [v.view_as(g) for v, g in zip(flat.split(sizes), chunk, strict=True)]
-                torch._foreach_add_(chunk, noise, alpha=std)
+            for chunk in _chunks(kind, CHUNK):
+                flat = torch.randn(sum([g.numel() for g in chunk]), generator=gen, device=device, dtype=dtype)
+                # the draw cut into views shaped like the gradients, in one call (not one Python view each)
+                torch._foreach_add_(chunk, torch._utils._unflatten_dense_tensors(flat, chunk), alpha=std)
 
     def state_dict(self) -> dict:
         states = {k: g.get_state() for k, g in self._generators.items()}
@@ -73,6 +73,25 @@ class GaussianNoise:
 
 #: Largest single noise draw, in elements (a transient buffer of this size exists during the step).
 CHUNK = 2**26
+
+
+try:
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _GROUP
+except ImportError:  # (a private helper of PyTorch's optimizers; grouped in Python where it is missing)
+    _GROUP = None
+
+
+def _by_kind(grads: list[torch.Tensor]) -> list[tuple[tuple[torch.device, torch.dtype], list[torch.Tensor]]]:
+    """The gradients grouped by (device, dtype), in order of first appearance (each kind's draws come from its
+    device's generator in this order, as they always have: a seed gives the same noise)."""
+    if _GROUP is not None:
+        found = _GROUP([grads], with_indices=True)
+        kinds = sorted(found.items(), key=lambda kv: kv[1][1][0] if kv[1][1] else 0)
+        return [(kind, lists[0]) for kind, (lists, _) in kinds]
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    return list(by_kind.items())
 
 
 def _chunks(grads: list[torch.Tensor], limit: int):
