@@ -137,3 +137,16 @@ def test_tensors_outside_the_plan_are_cast_on_their_own():
         w.mul_(3.0)
     b = casts.get(w, DT)
     assert torch.equal(b, w.detach().to(DT)) and torch.equal(a, (w.detach() / 3.0).to(DT))
+
+
+def test_float64_layers_are_left_as_autocast_leaves_them():
+    """Autocast casts no float64 tensor: neither does the Linear rule (input, weight or bias)."""
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _engine(model, opt)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = _reference_forward(model, x)
+    out, _ = _step(model, opt, x)
+    assert want.dtype == out.dtype == torch.float64
+    assert torch.equal(out, want)

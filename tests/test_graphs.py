@@ -70,11 +70,11 @@ def tied_loss(model, ids, target):
 CASES = {"tinyvit": (TinyViT, vit_batch, vit_loss), "tied": (TiedEmbedLinear, tied_batch, tied_loss)}
 
 
-def pair(case, device, groups="all-layer", noise=0.0):
+def pair(case, device, groups="all-layer", noise=0.0, dtype=None):
     """Two identical models, each with its optimizer and engine (same noise seed)."""
     make, batch, loss = CASES[case]
     seeded(0)
-    base = make().to(device, dtype_of(device))
+    base = make().to(device, dtype or dtype_of(device))
     out = []
     for _ in range(2):
         m = copy.deepcopy(base)
@@ -123,6 +123,34 @@ def test_replays_match_eager_steps(device, case, groups):
         assert_same(dict(mg.named_parameters()), dict(me.named_parameters()), tol(device) * 10)
     assert step.eager_calls == 0
     assert eg.steps == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_replays_follow_the_weight_updates(device):
+    """bf16 autocast inside the graphed loss: the Linear layers' low-precision weight copies are made again by
+    every replay (a copy made before or during the capture and replayed as is would train on stale weights), so
+    each step's gradients and updates follow the eager engine's."""
+    ((me, oe, _), (mg, og, eg)), batch, loss = pair("tinyvit", device, "layer-wise", dtype=torch.float32)
+    for o in (oe, og):
+        o.param_groups[0]["lr"] = 0.5  # large updates: a stale copy would show
+
+    def amp_loss(model, x, y):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return F.cross_entropy(model(x).float(), y)
+
+    gen = torch.Generator().manual_seed(5)
+    data = [(x.float(), y) for x, y in (batch(device, gen) for _ in range(5))]
+    step = eg.graphed_backward(lambda *a: amp_loss(mg, *a), *data[0])
+    for x, y in data:
+        oe.zero_grad()
+        amp_loss(me, x, y).backward()
+        og.zero_grad()
+        step(x, y)
+        assert_same(grads(mg), grads(me), 1e-2)
+        oe.step()
+        og.step()
+        assert_same(dict(mg.named_parameters()), dict(me.named_parameters()), 1e-3)
+    assert step.eager_calls == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -32,7 +32,7 @@ class CastPlan:
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         batches: dict[tuple, list[torch.Tensor]] = {}
         for t in {id(t): t for t in tensors}.values():
-            if t.is_floating_point():
+            if t.is_floating_point() and t.dtype != torch.float64:  # (autocast leaves float64 as it is)
                 batches.setdefault((t.device, t.dtype), []).append(t)
         self.batches = list(batches.values())
         # id(tensor) -> (tensor, batch, position in it, shape, strides, offset in the flat buffer)
@@ -52,8 +52,8 @@ class StepCasts:
 
     def __init__(self, plan: CastPlan) -> None:
         self._plan = plan
-        # (batch, dtype) -> (flat buffer of the copies, the sources' versions when they were made)
-        self._made: dict[tuple[int, torch.dtype], tuple[torch.Tensor, list[int]]] = {}
+        # (batch, dtype) -> (flat buffer of the copies, the sources' versions when they were made, its device index)
+        self._made: dict[tuple[int, torch.dtype], tuple[torch.Tensor, list[int], int]] = {}
 
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`t.to(dtype)`: a view of the step's batched copy where t is one of the plan's tensors and unchanged since
@@ -65,16 +65,18 @@ class StepCasts:
         made = self._made.get((bi, dtype))
         if made is None:
             made = self._made[(bi, dtype)] = self._make(bi, dtype)
-        flat, versions = made
-        if versions[j] != t._version:
-            return t.to(dtype)  # changed in place since: the batch's other copies may still be read (saved)
+        flat, versions, device = made
+        if versions[j] != t._version or t.get_device() != device:
+            # changed in place since (the batch's other copies may still be read: saved for backward), or moved to
+            # another device than the batch's first tensor
+            return t.to(dtype)
         return torch.as_strided(flat, shape, strides, offset)
 
-    def _make(self, bi: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    def _make(self, bi: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int], int]:
         ts = self._plan.batches[bi]
         flat = torch.empty(self._plan.numels[bi], dtype=dtype, device=ts[0].device)
         torch._foreach_copy_(torch._utils._unflatten_dense_tensors(flat, ts), ts)
-        return flat, [t._version for t in ts]
+        return flat, [t._version for t in ts], flat.get_device()
 
 
 def cast_sources(modules) -> list[torch.Tensor]:

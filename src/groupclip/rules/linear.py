@@ -50,13 +50,13 @@ class LinearRule(WeightBiasRule):
             # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
             # the same input (q, k, v) share one copy, which also lets them share its Gram matrix
             dt = torch.get_autocast_dtype(dev)
-            if x.is_floating_point() and x.dtype != dt:
+            if x.is_floating_point() and x.dtype != dt and x.dtype != torch.float64:  # (as autocast: not float64)
                 x = CASTS.get_or_make(x, dt, x.to, dt)
             # cast the weight once here and keep that copy for the input gradient (autocast would cast it too);
             # the step's copies of every layer's weights are made in one batch (`StepCasts`)
-            if w.dtype != dt:
+            if w.dtype != dt and w.dtype != torch.float64:
                 w = w.to(dt) if casts is None else casts.get(w, dt)
-            if b is not None and b.dtype != dt:
+            if b is not None and b.dtype != dt and b.dtype != torch.float64:
                 b = b.to(dt) if casts is None else casts.get(b, dt)
         if self.transposed:
             w = w.t()
