@@ -310,44 +310,6 @@ def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(mo
     assert not any("emb" in lb for lb in labels) and len(labels) == 14  # 7 layers x (weight, bias)
 
 
-@pytest.mark.parametrize("groups", ["layer-wise", "all-layer"])
-def test_layernorm_leaves_its_per_sample_grads_to_the_graphed_tail(monkeypatch, groups):
-    """Where tails may be graphed, LayerNorm's input gradient is PyTorch's (it is told so: `use.tail_graphed`) and
-    its per-sample gradients are made in the tail, once a step: under all-layer clipping the norm's graph hands them
-    on to the group's sums. `run` stands in for a replay: it runs the tail, then puts the use's cache back as it was
-    (a replay runs no Python), so the clipper must carry the graph's results over. Gradients equal the eager
-    engine's."""
-    from groupclip.rules import norms
-
-    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
-
-    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None):
-        before = [dict(u.cache) for u in uses]
-        outs = tail()
-        tails._reset(uses, before)
-        return outs
-
-    monkeypatch.setattr(TailGraphs, "run", run)
-    seen, made = [], []
-    real_grad, real_ps = norms.LayerNormRule.input_grad, norms.kernels.layer_norm_ps
-    monkeypatch.setattr(norms.LayerNormRule, "input_grad",
-                        lambda self, m, use, needs: (seen.append(use.tail_graphed), real_grad(self, m, use, needs))[1])
-    monkeypatch.setattr(norms.kernels, "layer_norm_ps", lambda *a: (made.append(1), real_ps(*a))[1])
-    torch.manual_seed(0)
-    ref = EmbedNet()
-    model = copy.deepcopy(ref)
-    _engine(ref, groups=groups, tail_graphs=False)
-    _engine(model, groups=groups, tail_graphs=True)
-    ids = torch.randint(0, 50, (8, 5))
-    ref(ids).square().mean().backward()
-    assert seen == [False] and len(made) == 1
-    seen.clear(), made.clear()
-    model(ids).square().mean().backward()
-    assert seen == [True] and len(made) == 1  # in the tail only, not again for the sums
-    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=n)
-
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 

@@ -233,12 +233,6 @@ class Clipper:
         return clip_coef(parts, self.kind, self.groups.thresholds[k], scale, scale / self.batch_size,
                          self.gamma, self.psac_r, mask)
 
-    def tails_graphed(self) -> bool:
-        """Whether clip tails may run as CUDA graphs now (asked by rules whose input gradient would otherwise fuse
-        per-sample work that the graph can do: LayerNorm)."""
-        tails = self.tails
-        return tails is not None and tails.active and self.sample_mask is None
-
     def _single(self, k: int, u: Use) -> None:
         """The common case (every layer-wise group): one use, each of its parameters used once."""
         slot = (u.plan, k)
@@ -320,20 +314,16 @@ class Clipper:
         if key is None:
             return None
 
-        # what the norm leaves in the cache for the clipped sums: Linear's per-sample bias gradients where the norm
-        # made them, LayerNorm's per-sample gradients (made in the graph where its input gradient left them out)
-        carried = ("gb",) if use.unit.rule.name != "layer_norm" else tuple(["ps_" + n for n in ns])
-
         def tail() -> list[torch.Tensor]:
             n2 = clip_coef(use.unit.rule.norm_parts(use, ns), "norm2")
-            return [n2, *[use.cache[c] for c in carried if c in use.cache]]
+            gb = use.cache.get("gb")
+            return [n2] if gb is None else [n2, gb]
 
         got = tails.run(("norm", use.plan, splits[0][0]), key, tail, (use,), copy=False)
         if got is None:
             return None
-        # (Linear's "gb" may be absent: the graph returns the norm alone; `_ps` makes LayerNorm's for every name)
-        for c, v in zip(carried, got[1:], strict=False):
-            use.cache[c] = v
+        if len(got) == 2:
+            use.cache["gb"] = got[1]
         return got[0]
 
     def _split(self, use: Use, names: tuple[str, ...]) -> tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]:

@@ -38,7 +38,7 @@ class Use:
     `extra` holds the rule's non-tensor forward facts (shapes, flags); `cache` the per-sample results shared by
     the norm and the clipped sum."""
 
-    __slots__ = ("plan", "unit", "names", "saved", "grad_out", "batch_size", "extra", "cache", "tail_graphed")
+    __slots__ = ("plan", "unit", "names", "saved", "grad_out", "batch_size", "extra", "cache")
 
     def __init__(self, plan: CallPlan, saved: tuple[torch.Tensor, ...], grad_out: Any, batch_size: int,
                  extra: dict[str, Any]) -> None:
@@ -48,9 +48,6 @@ class Use:
         self.batch_size = batch_size
         self.extra = extra
         self.cache: dict[str, Any] = {}
-        # whether the clip tail of this use may run as a CUDA graph (`groupclip.tails`), asked only for rules with
-        # `Rule.asks_tail_graphed`: work that belongs in the tail need not be fused into the input gradient
-        self.tail_graphed = False
 
 
 class StepState:

@@ -29,10 +29,7 @@ class LayerFn(torch.autograd.Function):
     def backward(ctx, g):
         plan = ctx.plan
         use = Use(plan, ctx.saved_tensors, g, ctx.batch, ctx.extra)
-        rule = plan.unit.rule
-        if rule.asks_tail_graphed:
-            use.tail_graphed = ctx.hub.tails_graphed()
-        gx = rule.input_grad(plan.unit.module, use, ctx.x_grad)
+        gx = plan.unit.rule.input_grad(plan.unit.module, use, ctx.x_grad)
         ctx.hub.on_use(ctx.state, use)
         return (None, None, None, gx) + (None,) * ctx.n_params
 

@@ -73,8 +73,6 @@ class CaptureHub:
         self.on_wait = on_wait  # called for a use whose group must wait for later uses
         self.on_end = on_end  # called at the end of each backward pass, after its last groups
         self.on_begin = on_begin  # called when a backward pass reaches its first use
-        # whether the clip tails of this backward pass may run as CUDA graphs (the engine gives its clipper's)
-        self.tails_graphed: Callable[[], bool] = bool
         # the current step: held strongly while a forward of the model runs, then only by the autograd graph
         # its forward built (ctx.state of LayerFn / Tap), so a step whose graph is dropped without backward
         # (an out-of-memory error in the loss, say) disappears instead of being joined by the next forward

@@ -50,8 +50,6 @@ class Rule:
 
     #: True when `forward` casts the module's weight and bias under autocast (through `casts`)
     casts_weights = False
-    #: True when `input_grad` reads `use.tail_graphed` (whether the use's clip tail may run as a CUDA graph)
-    asks_tail_graphed = False
 
     def forward(self, module: nn.Module, x: torch.Tensor, names: tuple[str, ...], x_grad: bool,
                 casts: StepCasts | None = None):

@@ -107,7 +107,6 @@ class LayerNormRule(_NormRule):
 
     name = "layer_norm"
     modules = (nn.LayerNorm,)
-    asks_tail_graphed = True
 
     def forward(self, module, x, names, x_grad, casts=None):
         if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
@@ -123,10 +122,7 @@ class LayerNormRule(_NormRule):
             return None
         x, w, b, mean, rstd = use.saved
         fused = None
-        # one pass gives the input gradient and the per-sample gradients; but where the clip tail runs as a CUDA
-        # graph, PyTorch's kernel (one C++ launch, ~1/5 of the Triton launcher's host time on an H100) gives the
-        # input gradient and the graph computes the per-sample gradients from (x, g) itself
-        if kernels.active(x, use.grad_out) and not use.tail_graphed:
+        if kernels.active(x, use.grad_out):
             bsz = x.shape[0]
             fused = kernels.layer_norm_backward(*self._btd_operands(use), None if w is None else w.reshape(-1))
         if fused is not None:  # the per-sample gradients came from the same pass
