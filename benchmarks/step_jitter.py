@@ -3,9 +3,11 @@
 For each mode (non-private and groupclip's, default `tail_graphs="auto"`), after `gpu.warm_setup` (the tail-graph
 trial decided) and `--settle` more steps on two fresh batches taken in turn (the graphs captured for their
 addresses), `--steps` steps each between two host syncs. Per step: its time (sync to sync), the host's time to
-enqueue it (sync to the end of `optimizer.step()`), the clip tails replayed, captured and skipped because lent
-results were still held (`groupclip.tails`), and Python's garbage collections in it (generation, ms). A step whose
-host time stays below the GPU's work takes the GPU's time; one whose host falls behind takes about the host's.
+enqueue it (sync to the end of `optimizer.step()`) and to the end of `backward()` (eager modes: under all-layer
+clipping the group's clipped sums can start on the GPU only then), the clip tails replayed, captured and skipped
+because lent results were still held (`groupclip.tails`), and Python's garbage collections in it (generation, ms).
+A step whose host time stays below the GPU's work takes the GPU's time; one whose host falls behind takes about the
+host's.
 
     python benchmarks/step_jitter.py --out benchmarks/results/h100-2026-11-24-step-jitter.json
 """
@@ -70,12 +72,20 @@ def measure(workload: str, mode: str, precision: str, steps: int, settle: int, c
         gpu.sync()
         collections.take()
         t0 = time.perf_counter()
-        s.step(x, y)
+        if s.graph:
+            s.step(x, y)
+            tb = None
+        else:  # Setup.step's eager loop, with the host's time at the end of backward taken
+            s.opt.zero_grad(set_to_none=True)
+            s.loss(x, y).backward()
+            tb = time.perf_counter()
+            s.opt.step()
         t1 = time.perf_counter()
         gpu.sync()
         t2 = time.perf_counter()
         after = _counters(s)
-        rows.append({"step_ms": (t2 - t0) * 1e3, "host_ms": (t1 - t0) * 1e3, "replays": after[0] - before[0],
+        rows.append({"step_ms": (t2 - t0) * 1e3, "host_ms": (t1 - t0) * 1e3,
+                     "backward_host_ms": None if tb is None else (tb - t0) * 1e3, "replays": after[0] - before[0],
                      "captures": after[1] - before[1], "held": after[2] - before[2], "gc": collections.take()})
     report = s.engine.clipper.tail_report if s.engine is not None else None
     s.close()
