@@ -138,16 +138,20 @@ class TailGraphs:
                 return None, []
             parts.append(squared)
         taken = []
+        index = norms[0][0].get_device()
+        by_use: dict[int, tuple | None] = {}  # a Linear use's signature: its names' sums read the same tensors
         for i, (u, n) in enumerate(entries):
-            read = _read_by_sums(u, n)
-            if read is None:
+            same = u.unit.rule.name in _ONE_READ_PER_USE
+            sig = by_use.get(id(u), False) if same else False
+            if sig is False:
+                read = _read_by_sums(u, n)
+                sig = None if read is None else _signature(read, index)
+                if same:
+                    by_use[id(u)] = sig
+            if sig is None:
                 continue
-            mark = len(parts)
-            parts += (id(u.plan), n, u.unit.params[n].dtype, u.batch_size)
-            if _signatures(read, dev, parts):
-                taken.append(i)
-            else:
-                del parts[mark:]
+            parts += (id(u.plan), n, u.unit.params[n].dtype, u.batch_size, sig)
+            taken.append(i)
         if not taken:
             return None, []
         parts += (settings, _tf32(), kernels.active(norms[0][0]))
@@ -419,6 +423,24 @@ def _read_by_sums(use: Use, name: str) -> tuple | None:
         ps = cache.get("ps_" + name)
         return None if ps is None else (ps,)
     return None
+
+
+#: rules whose clipped sums read the same tensors for every parameter of a use (`_read_by_sums` ignores the name)
+_ONE_READ_PER_USE = ("linear", "hf_conv1d")
+
+
+def _signature(read, index: int) -> tuple | None:
+    """(address, shape, strides, dtype) of each tensor in `read` (None kept as None), or None if one is not a tensor
+    on the device with this index (`Tensor.get_device()`: -1 for the CPU)."""
+    out = []
+    for t in read:
+        if t is None:
+            out.append(None)
+        elif isinstance(t, torch.Tensor) and t.get_device() == index:
+            out.append((t.data_ptr(), t.shape, t.stride(), t.dtype))
+        else:
+            return None
+    return tuple(out)
 
 
 def _signatures(read, device: torch.device, parts: list) -> bool:
