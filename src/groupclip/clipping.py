@@ -120,6 +120,8 @@ class Clipper:
         self._splits: dict[tuple, tuple[tuple[int, tuple[str, ...], frozenset[str]], ...]] = {}
         # (call plan, group) -> the plan's names in that group, and their parameters
         self._names_in: dict[tuple, tuple[tuple[str, ...], tuple[nn.Parameter, ...]]] = {}
+        # (group, call plans of a pass's uses in order) -> the group's parameters and their uses (`_layout`)
+        self._layouts: dict[tuple, tuple] = {}
         # (B,) float32 or None: samples where it is 0 are padding (a graphed step's batch filled up to its
         # captured size) and get coefficient 0; set only while a graphed step captures or runs
         self.sample_mask: torch.Tensor | None = None
@@ -141,33 +143,22 @@ class Clipper:
                 f"group {self.groups.names[k]} was used with batches of sizes {sorted({u.batch_size for u in uses})} "
                 "in one backward pass; per-sample clipping needs one batch per backward."
             )
-        members = self._members[k]
-        by_param: dict[int, tuple[nn.Parameter, list[tuple[Use, str]]]] = {}
-        for u in uses:
-            plan = u.plan
-            for n, p, i in zip(plan.names, plan.params, plan.param_ids, strict=True):
-                if i not in members:
-                    continue  # the use also carries parameters of other groups
-                entry = by_param.get(i)
-                if entry is None:
-                    by_param[i] = (p, [(u, n)])
-                else:
-                    entry[1].append((u, n))
-        if not by_param:
+        layout = self._layout(k, uses)
+        if not layout:
             return
         parts: list[tuple[torch.Tensor, bool]] = []
         vecs: list[torch.Tensor] = []  # (B,) squared norms: reduced early, or of tensors with several uses
         reduced: set[int] = set()
-        for _, pu in by_param.values():
-            if len(pu) > 1:
-                vecs.append(self._shared_norm2(pu))
+        for _, _, j, n, refs in layout:
+            if refs is not None:
+                vecs.append(self._shared_norm2([(uses[r], rn) for r, rn in refs]))
                 continue
-            u, n = pu[0]
+            u = uses[j]
             n2g = u.cache.get("n2g")
             early = None if n2g is None else n2g.get(k)
             if early is not None and n in early[1]:
-                if id(u) not in reduced:
-                    reduced.add(id(u))
+                if j not in reduced:
+                    reduced.add(j)
                     vecs.append(early[0])
                 continue
             parts.extend(u.unit.rule.norm_parts(u, (n,)))
@@ -184,40 +175,70 @@ class Clipper:
                 for u in uses:
                     self.tail_trial.saw(u)
             if tails.active:
-                graphed = self._graphed_sums(k, by_param, parts, batch)
+                graphed = self._graphed_sums(k, layout, uses, parts)
                 if graphed is not None:
                     coef, done = graphed
         if coef is None:
             coef = self._coef(k, parts, batch)
         with one_coefficient():
-            for i, (p, pu) in by_param.items():
+            for i, p, j, n, refs in layout:
                 total = done.get(i)
                 if total is None:
-                    for u, n in pu:
-                        g = u.unit.rule.clipped_sum(u, coef, n)
+                    for r, rn in ((j, n),) if refs is None else refs:
+                        u = uses[r]
+                        g = u.unit.rule.clipped_sum(u, coef, rn)
                         total = g if total is None else total + g
                 _add_grad(p, total)
 
-    def _graphed_sums(self, k: int, by_param: dict, parts: list[tuple[torch.Tensor, bool]],
-                      batch: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+    def _layout(self, k: int, uses: list[Use]) -> tuple:
+        """Group k's parameters in a backward pass whose uses have these call plans, in order of first appearance:
+        (id, parameter, use index, name, None) for a parameter used once, (id, parameter, None, None, ((use index,
+        name), ...)) for one used several times. Worked out once per sequence of call plans (a training loop repeats
+        one), like the plans themselves."""
+        key = (k, tuple([u.plan for u in uses]))
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        members = self._members[k]
+        by_param: dict[int, tuple[nn.Parameter, list[tuple[int, str]]]] = {}
+        for j, u in enumerate(uses):
+            plan = u.plan
+            for n, p, i in zip(plan.names, plan.params, plan.param_ids, strict=True):
+                if i not in members:
+                    continue  # the use also carries parameters of other groups
+                entry = by_param.get(i)
+                if entry is None:
+                    by_param[i] = (p, [(j, n)])
+                else:
+                    entry[1].append((j, n))
+        layout = tuple((i, p, refs[0][0], refs[0][1], None) if len(refs) == 1 else (i, p, None, None, tuple(refs))
+                       for i, (p, refs) in by_param.items())
+        if len(self._layouts) >= 64:  # (a loop that keeps changing its sequence of layers: keep the recent ones)
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = layout
+        return layout
+
+    def _graphed_sums(self, k: int, layout: tuple, uses: list[Use], parts: list[tuple[torch.Tensor, bool]]
+                      ) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
         """The coefficient and the clipped sums of the group's single-use parameters from one CUDA graph
         (`groupclip.tails`), as (coefficient, {id(param): sum}); None where none applies (all run eagerly)."""
-        singles = [(i, pu[0]) for i, (_, pu) in by_param.items() if len(pu) == 1]
-        key, taken = self.tails.group_key([e for _, e in singles], parts, self._tail_settings(k))
+        singles = [(i, p, uses[j], n) for i, p, j, n, refs in layout if refs is None]
+        key, taken = self.tails.group_key([(u, n) for _, _, u, n in singles], parts, self._tail_settings(k))
         if key is None:
             return None
-        chosen = [singles[j] for j in taken]
+        chosen = [singles[t] for t in taken]
+        batch = uses[0].batch_size
 
         def tail() -> list[torch.Tensor]:
             coef = self._coef(k, parts, batch)
             with one_coefficient():
-                return [coef, *[u.unit.rule.clipped_sum(u, coef, n) for _, (u, n) in chosen]]
+                return [coef, *[u.unit.rule.clipped_sum(u, coef, n) for _, _, u, n in chosen]]
 
-        owners = (None, *[u.unit.params[n] for _, (u, n) in chosen])  # the coefficient is not kept
-        outs = self.tails.run(("group", k), key, tail, [u for _, (u, _) in chosen], own_gram=False, owners=owners)
+        owners = (None, *[p for _, p, _, _ in chosen])  # the coefficient is not kept
+        outs = self.tails.run(("group", k), key, tail, [u for _, _, u, _ in chosen], own_gram=False, owners=owners)
         if outs is None:
             return None
-        return outs[0], {i: s for (i, _), s in zip(chosen, outs[1:], strict=True)}
+        return outs[0], {i: s for (i, _, _, _), s in zip(chosen, outs[1:], strict=True)}
 
     def _tail_settings(self, k: int) -> tuple:
         """Every clipping setting a graphed tail of group k bakes in."""
