@@ -150,3 +150,35 @@ def test_float64_layers_are_left_as_autocast_leaves_them():
     out, _ = _step(model, opt, x)
     assert want.dtype == out.dtype == torch.float64
     assert torch.equal(out, want)
+
+
+def test_a_registered_rule_with_the_older_forward_signature_still_runs(monkeypatch):
+    """Only rules with `casts_weights` are handed the step's casts: a user rule written against the four-argument
+    `forward` keeps working (here a Linear rule doing its own casts), with the default engine's gradients."""
+    from groupclip import rules
+    from groupclip.rules.linear import LinearRule
+
+    class OwnCasts(LinearRule):
+        name = "own_casts_linear"
+        casts_weights = False
+        calls = 0
+
+        def forward(self, module, x, names, x_grad):  # the signature before `casts`
+            OwnCasts.calls += 1
+            return super().forward(module, x, names, x_grad)
+
+    torch.manual_seed(0)
+    base = Net()
+    x = torch.randn(5, 6)
+    ref = copy.deepcopy(base)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    _engine(ref, ref_opt)
+    _, want = _step(ref, ref_opt, x)
+    monkeypatch.setattr(rules, "REGISTRY", [OwnCasts(), *rules.REGISTRY])
+    model = copy.deepcopy(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _engine(model, opt)
+    _, got = _step(model, opt, x)
+    assert OwnCasts.calls == 3
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

@@ -18,7 +18,11 @@ class LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hub, plan, state, x, *params):
         unit, x_grad = plan.unit, ctx.needs_input_grad[3]
-        out, saved, extra = unit.rule.forward(unit.module, x, plan.names, x_grad, state.casts)
+        rule = unit.rule
+        if rule.casts_weights:  # (only such rules take the step's casts: a registered rule may predate them)
+            out, saved, extra = rule.forward(unit.module, x, plan.names, x_grad, state.casts)
+        else:
+            out, saved, extra = rule.forward(unit.module, x, plan.names, x_grad)
         ctx.save_for_backward(*saved)
         ctx.hub, ctx.plan, ctx.state, ctx.extra, ctx.x_grad = hub, plan, state, extra, x_grad
         ctx.batch = x.shape[0] if x.dim() else 1

@@ -55,8 +55,9 @@ class Rule:
                 casts: StepCasts | None = None):
         """Return (output, saved tensors or None, extra dict). Runs with autograd off.
 
-        `names` are the trainable parameters of this call; `x_grad` whether the input needs a gradient; `casts`
-        the step's autocast copies of weights (`StepCasts.get(t, dtype)` instead of `t.to(dtype)`).
+        `names` are the trainable parameters of this call; `x_grad` whether the input needs a gradient. Rules with
+        `casts_weights` are also given `casts`, the step's autocast copies of weights (`StepCasts.get(t, dtype)`
+        instead of `t.to(dtype)`).
         """
         raise NotImplementedError
 

@@ -56,7 +56,7 @@ class ConvRule(WeightBiasRule):
     def supports(self, module):
         return type(module).forward in _FORWARDS
 
-    def forward(self, module, x, names, x_grad, casts=None):
+    def forward(self, module, x, names, x_grad):
         out = module._conv_forward(x, module.weight, module.bias)
         return out, (x if "weight" in names or x_grad else None, module.weight), {}
 

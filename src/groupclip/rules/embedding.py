@@ -29,7 +29,7 @@ class EmbeddingRule(Rule):
                 "token counts over the whole batch (samples mix). Set scale_grad_by_freq=False."
             )
 
-    def forward(self, module, x, names, x_grad, casts=None):
+    def forward(self, module, x, names, x_grad):
         out = F.embedding(x, module.weight, module.padding_idx)
         return out, (x,), {}
 

@@ -34,7 +34,7 @@ class _NormRule(Rule):
     def normalize(self, module, x):
         raise NotImplementedError
 
-    def forward(self, module, x, names, x_grad, casts=None):
+    def forward(self, module, x, names, x_grad):
         return self.full(module, x), (x, module.weight), {}
 
     def _broadcast(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ class LayerNormRule(_NormRule):
     name = "layer_norm"
     modules = (nn.LayerNorm,)
 
-    def forward(self, module, x, names, x_grad, casts=None):
+    def forward(self, module, x, names, x_grad):
         if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
             x = x.float()  # autocast runs layer_norm in float32
         w, b = module.weight, module.bias
