@@ -113,13 +113,13 @@ class TailGraphs:
         g = use.grad_out
         if not isinstance(g, torch.Tensor) or g.device.type != GRAPH_DEVICE or capturing():
             return None  # not inside another capture (`engine.graphed_backward`)
-        parts = [g.device.index]
-        if not _signatures(read, g.device, parts):
+        index = g.get_device()
+        sig = _signature(read, index)
+        if sig is None:
             return None
         params = use.unit.params
-        parts += (use.batch_size, tuple(use.cache), tuple([params[n].dtype for n in names]), settings,
-                  _tf32(), kernels.active(g))
-        return tuple(parts)
+        return (index, sig, use.batch_size, tuple(use.cache), tuple([params[n].dtype for n in names]), settings,
+                _tf32(), kernels.active(g))
 
     @staticmethod
     def group_key(entries: list[tuple[Use, str]], norms: list[tuple[torch.Tensor, bool]],
@@ -129,16 +129,16 @@ class TailGraphs:
         name) the graph computes; the others are summed eagerly. (None, []) where no graph applies."""
         if not norms or not isinstance(norms[0][0], torch.Tensor):
             return None, []
-        dev = norms[0][0].device
-        if dev.type != GRAPH_DEVICE or capturing():
+        if norms[0][0].device.type != GRAPH_DEVICE or capturing():
             return None, []
-        parts: list = [dev.index]
-        for t, squared in norms:
-            if not _signatures((t,), dev, parts):
-                return None, []
-            parts.append(squared)
-        taken = []
         index = norms[0][0].get_device()
+        parts: list = [index]
+        for t, squared in norms:
+            sig = _signature((t,), index)
+            if sig is None:
+                return None, []
+            parts += (sig, squared)
+        taken = []
         by_use: dict[int, tuple | None] = {}  # a Linear use's signature: its names' sums read the same tensors
         for i, (u, n) in enumerate(entries):
             same = u.unit.rule.name in _ONE_READ_PER_USE
@@ -441,18 +441,6 @@ def _signature(read, index: int) -> tuple | None:
         else:
             return None
     return tuple(out)
-
-
-def _signatures(read, device: torch.device, parts: list) -> bool:
-    """Append each tensor's address, shape, strides and dtype to `parts`; False if one is not a tensor on `device`."""
-    for t in read:
-        if t is None:
-            parts.append(None)
-        elif isinstance(t, torch.Tensor) and t.device == device:
-            parts += (t.data_ptr(), t.shape, t.stride(), t.dtype)
-        else:
-            return False
-    return True
 
 
 def _reset(uses: Sequence[Use], before: list[dict]) -> None:

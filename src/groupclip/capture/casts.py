@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from groupclip.tails import capturing
+from groupclip.tails import _contiguous_strides, capturing
 
 
 class CastPlan:
@@ -89,10 +89,3 @@ def cast_sources(modules) -> list[torch.Tensor]:
                 out.append(t)
     return out
 
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
