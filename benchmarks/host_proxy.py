@@ -66,8 +66,9 @@ def _stub_kernels() -> None:
         scale_rows=lambda x, coef, *a, **k: torch.empty(x.shape, dtype=x.dtype),
         scale_rows_t=scale_rows_t,
         coef_sum=lambda coef, ps, *a, **k: torch.empty(ps.shape[1]),
-        layer_norm_backward=lambda x, mean, rstd, g, w: (torch.empty_like(x), torch.empty(x.shape[0], x.shape[-1]),
-                                                         torch.empty(x.shape[0], x.shape[-1])),
+        layer_norm_backward=lambda x, g, w, eps, out=None: (
+            torch.empty_like(x) if out is None else out, torch.empty(x.shape[0], x.shape[-1]),
+            torch.empty(x.shape[0], x.shape[-1])),
         layer_norm_ps=ln_ps,
         LN_BWD_MAX_D=8192,
     )
@@ -78,13 +79,13 @@ class _StandinGraph:
         pass
 
 
-def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None):
+def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None, keep=None):
     """TailGraphs.run without CUDA: the key is looked up as on the GPU; a slot's first capture is kept and every
     later call replays it (the results lent or copied out as a replay's are)."""
     slot = self._slots.get(slot_id)
     if slot is None:
         slot = self._slots[slot_id] = tail_graphs._Slot()
-    for gkey, graph, res in slot.graphs:
+    for gkey, graph, res, _ in slot.graphs:
         gkey == key  # noqa: B015 (the comparison a replay makes; the CPU allocator moves the tensors anyway)
         lend = self._lend(res, copy, owners)
         if lend is None:
@@ -97,7 +98,7 @@ def _standin_run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owner
         return None
     res = tail_graphs._results(tail(), slot, tail_graphs._place(tail(), slot))
     graph = _StandinGraph()
-    slot.graphs.append((key, graph, res))
+    slot.graphs.append((key, graph, res, keep))
     self.captures += 1
     lend = self._lend(res, copy, owners)
     return None if lend is None else self._replay(graph, res, copy, lend)

@@ -44,13 +44,13 @@ class _FakeGraph:
 
 
 def _fake_capture(tg: TailGraphs, log: list):
-    def capture(slot, key, tail, uses, own_gram, copy, owners=None):
+    def capture(slot, key, tail, uses, own_gram, copy, owners=None, keep=None):
         slot.captures += 1
         del slot.graphs[tails.GRAPHS_PER_SLOT - 1:]
         place = tails._place(tail(), slot)
         res = tails._results(tail(), slot, place)
         graph = _FakeGraph(tail, res)
-        slot.graphs.insert(0, (key, graph, res))
+        slot.graphs.insert(0, (key, graph, res, keep))
         slot.seen.remove(key)
         log.append(key)
         lend = tg._lend(res, copy, owners)
@@ -88,7 +88,7 @@ def test_run_policy_capture_when_a_key_comes_back_then_replay():
     # a third set: captured when it comes back, in place of the least recently used graph (k1)
     assert tg.run(slot, ("k3",), tail, use) is None
     assert tg.run(slot, ("k3",), tail, use) is not None and captured[-1] == ("k3",)
-    assert [k for k, _, _ in tg._slots[slot].graphs] == [("k3",), ("k2",)]
+    assert [k for k, _, _, _ in tg._slots[slot].graphs] == [("k3",), ("k2",)]
     assert tg.run(slot, ("k1",), tail, use) is None
 
 
@@ -116,7 +116,7 @@ def test_results_one_flat_buffer_shared_by_a_slots_graphs():
     assert torch.equal(w, first[0]) and torch.equal(b, first[1])
     assert w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != res.flat.data_ptr()  # one copy
     assert w.is_contiguous() and b.is_contiguous()
-    slot.graphs.append((("k1",), _FakeGraph(), res))
+    slot.graphs.append((("k1",), _FakeGraph(), res, None))
     second = [torch.randn(3, 2), torch.randn(2)]
     assert tails._results(second, slot) is res  # written into the first graph's buffer
     w, b = res.copies()
@@ -286,7 +286,7 @@ def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(mo
     monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
     calls = []
 
-    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None):
+    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None, keep=None):
         calls.append((slot_id, [u.unit.label() for u in uses], own_gram, key))
         return tail()
 
@@ -308,6 +308,74 @@ def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(mo
     slot_id, labels, own_gram, key = groups[0]
     assert slot_id == ("group", 0) and not own_gram and key is not None
     assert not any("emb" in lb for lb in labels) and len(labels) == 14  # 7 layers x (weight, bias)
+
+
+class PreLN(nn.Module):
+    """Two pre-LayerNorm residual blocks, a LayerNorm used twice, then a head. `keep`: a list that gets the input
+    gradient of the second block's LayerNorm (a hook on the tensor only that LayerNorm reads)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.inp = nn.Linear(12, d)
+        self.n1, self.n2, self.twice = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.f1, self.f2, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x, keep=None):
+        h = self.inp(x)
+        h = h + self.f1(torch.tanh(self.n1(h)))
+        u = h.clone()
+        if keep is not None:
+            u.register_hook(keep.append)
+        h = h + self.f2(torch.tanh(self.n2(u)))
+        return self.head(self.twice(h) + self.twice(2 * h)).mean(1)
+
+
+@pytest.mark.parametrize("groups", ["layer-wise", "all-layer"])
+@pytest.mark.parametrize("hold", [False, True])
+def test_layernorm_backward_graph_paths(monkeypatch, groups, hold):
+    """The bookkeeping of graphed LayerNorm backwards on the CPU (the fused kernel under Triton's interpreter; `run`
+    stands in for a graph by running the tail): every step's input gradient is the shared buffer, so gradients equal
+    the eager engine's only if each consumer is done with it before the next LayerNorm writes it. A kept input
+    gradient (`hold`) sends the next LayerNorm's backward down the eager path and must keep its values; a LayerNorm
+    used twice in a step never takes the graph (its per-sample gradients would share the graph's buffers)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("Triton runs CPU tensors only under its interpreter (CPU machines); the CUDA test below")
+    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
+    monkeypatch.setattr(kernels, "_MODE", "force")
+    calls = []
+
+    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None, keep=None):
+        calls.append((slot_id, key, keep))
+        return tail()
+
+    monkeypatch.setattr(TailGraphs, "run", run)
+    torch.manual_seed(0)
+    ref = PreLN()
+    model = copy.deepcopy(ref)
+    ref_opt = _engine(ref, groups=groups, tail_graphs=False)[1]
+    eng, opt = _engine(model, groups=groups, tail_graphs=True)
+    tg = eng.clipper.tails
+    for step in range(3):
+        x = torch.randn(8, 5, 12)
+        kept = []
+        for m, o in ((ref, ref_opt), (model, opt)):
+            o.zero_grad(set_to_none=True)
+            keep = [] if hold else None
+            m(x, keep).square().mean().backward()
+            kept.append(keep)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=f"step {step}, {n}")
+        if hold:
+            torch.testing.assert_close(kept[1][0], kept[0][0], rtol=0, atol=0)
+    inputs = [c for c in calls if c[0][0] == "input"]
+    graphed = {c[0][1].unit.module for c in inputs}
+    assert model.twice not in graphed
+    assert all(c[2] is not None and c[1][4] == c[2].flat.data_ptr() for c in inputs)  # the key has the buffer
+    if hold:  # n2's input gradient is kept: n1's backward (next) finds the buffer taken
+        assert graphed == {model.n2} and tg.held == 3 and len(inputs) == 3
+    else:
+        assert graphed == {model.n1, model.n2} and tg.held == 0 and len(inputs) == 6
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -342,14 +410,14 @@ def test_graphed_tails_equal_the_eager_engine(autocast):
     ref_model, ref_opt, model, eng, opt = _eager_and_tails()
     gen = torch.Generator("cuda").manual_seed(1)
     # activations of ≥ 1 MiB, as in real models (the allocator's small-block pool moves tiny tensors around)
-    shapes = [(8, 160)] * 5 + [(6, 160)] * 3 + [(8, 160)] * 4  # a smaller batch in between, then back
+    shapes = [(8, 160)] * 7 + [(6, 160)] * 3 + [(8, 160)] * 6  # a smaller batch in between, then back
     batches = (torch.randn(b, t, 12, device="cuda", generator=gen) for b, t in shapes)  # made as they come
     _compare_steps((ref_model, ref_opt), model, opt, batches, autocast)
     tg = eng.clipper.tails
     # (how many keys repeat depends on the allocator: at least a few layers were captured and replayed)
     assert tg.captures >= 3 and tg.replays > tg.captures, (tg.captures, tg.replays)
     for slot in tg._slots.values():  # a layer's graphs share one result buffer
-        assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res in slot.graphs)
+        assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res, _ in slot.graphs)
 
 
 @cuda
@@ -422,3 +490,38 @@ def test_all_layer_sums_graph_equals_the_eager_engine(autocast):
     tg = eng.clipper.tails
     assert tg.captures >= 1 and tg.replays >= 4, (tg.captures, tg.replays)
     assert ("group", 0) in tg._slots and any(slot[0] == "norm" for slot in tg._slots)
+
+
+@cuda
+@pytest.mark.parametrize("groups,autocast,hold", [("layer-wise", False, False), ("layer-wise", True, False),
+                                                  ("all-layer", True, False), ("layer-wise", False, True)])
+def test_graphed_layernorm_backward_equals_the_eager_engine(groups, autocast, hold):
+    """LayerNorm's fused backward replayed as a CUDA graph writing the shared input-gradient buffer: the same
+    gradients as the eager engine's step after step (fresh data each step), and a kept input gradient (`hold`)
+    keeps its values while the next LayerNorm runs eagerly."""
+    torch.manual_seed(0)
+    ref = PreLN(512).cuda()
+    model = copy.deepcopy(ref)
+    ref_opt = _engine(ref, groups=groups, tail_graphs=False)[1]
+    eng, opt = _engine(model, groups=groups, tail_graphs=True)
+    gen = torch.Generator("cuda").manual_seed(5)
+    for step in range(10):
+        x = torch.randn(8, 160, 12, device="cuda", generator=gen)
+        kept = []
+        for m, o in ((ref, ref_opt), (model, opt)):
+            o.zero_grad(set_to_none=True)
+            keep = [] if hold else None
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = m(x, keep).float().square().mean()
+            loss.backward()
+            kept.append(keep)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=f"step {step}, {n}")
+        if hold:
+            torch.testing.assert_close(kept[1][0], kept[0][0], rtol=0, atol=0)
+    tg = eng.clipper.tails
+    inputs = [sid for sid in tg._slots if sid[0] == "input"]
+    replayed = sum(len(tg._slots[sid].graphs) for sid in inputs)
+    assert {sid[1].unit.module for sid in inputs} == ({model.n2} if hold else {model.n1, model.n2})
+    assert replayed >= 1 and tg.replays > tg.captures, (replayed, tg.captures, tg.replays)
+    assert (tg.held > 0) == hold

@@ -280,6 +280,14 @@ class Clipper:
         for p, s in zip(params, self._tail(k, u, names), strict=True):
             _add_grad(p, s)
 
+    def graphed_input_grad(self, use: Use) -> torch.Tensor | None:
+        """A use's input gradient from a CUDA graph of its rule's fused backward (`TailGraphs.input_grad`), where
+        the tail graphs are on; None: its rule computes it eagerly."""
+        tails = self.tails
+        if tails is None or not tails.active or self.sample_mask is not None:
+            return None
+        return tails.input_grad(use)
+
     def begin_of_backward(self) -> None:
         """Called by the hub when a backward pass reaches its first use (the tail-graph trial times the pass)."""
         if self.tail_trial is not None:

@@ -142,7 +142,8 @@ class PrivacyEngine:
         self.noise = GaussianNoise(self.noise_multiplier, self.max_grad_norm, batch_size, seed, secure_mode)
         self.accountant = accounting.PrivacyAccountant()
         self.hub = CaptureHub(model, self.units, self.groups.index(), self.clipper, self.clipper.reduce_waiting,
-                              self.clipper.end_of_backward, self.clipper.begin_of_backward)
+                              self.clipper.end_of_backward, self.clipper.begin_of_backward,
+                              self.clipper.graphed_input_grad)
         self._named_params = list(self.model.named_parameters())  # walked once: the step check runs every step
         self.dp_step = DPStep(optimizer, self.noise, self._check_step, self._after_step,
                               self.hub.clear_failed_partially)

@@ -26,6 +26,10 @@ own; the reader still counts as arrived). A layer's graphs keep one result buffe
 parameters, float32), made outside the graphs' memory pool, for as long as they live; all graphs share that pool for
 their intermediates.
 
+LayerNorm's backward itself (its input gradient and per-sample gradients: one fused kernel, ~250 µs of host time a
+call on an H100 for its Python and Triton launch) is a graph of its own where its key comes back (`input_grad`): the
+input gradient goes into one buffer all LayerNorms of that shape share, in turn.
+
 A group with several uses (all-layer clipping) waits for its last use: each waiting Linear / LayerNorm use's squared
 norm is a graph of its own (`key` with the "norm2" setting; its buffers, with the per-sample bias gradients the sums
 read, are used in place: they are read later in the same backward pass, before that graph's next replay), and at
@@ -59,6 +63,9 @@ GRAPHS_PER_SLOT = 2
 SEEN_PER_SLOT = 4
 #: captures per (layer, group) before giving up on it (its addresses keep changing)
 MAX_CAPTURES = 8
+#: input-gradient buffers of graphed LayerNorm backwards kept ready, by shape (`TailGraphs.input_grad`); a buffer a
+#: graph writes lives as long as that graph
+SHARED_OUTS = 2
 
 
 MODES = ("auto", "on", "off")
@@ -87,8 +94,8 @@ class _Slot:
 
     def __init__(self) -> None:
         self.seen: list[tuple] = []  # keys of recent eager runs, newest first
-        # (key, graph, its result buffers), most recently used first
-        self.graphs: list[tuple[tuple, torch.cuda.CUDAGraph, _Results]] = []
+        # (key, graph, its result buffers, what else it writes (or None)), most recently used first
+        self.graphs: list[tuple[tuple, torch.cuda.CUDAGraph, _Results, _Results | None]] = []
         self.captures = 0
 
 
@@ -99,6 +106,7 @@ class TailGraphs:
         self.active = active  # whether the clipper uses them now (`groupclip.tail_trial` switches it in "auto")
         self._slots: dict[tuple, _Slot] = {}
         self._pool = None  # the memory pool all graphs share
+        self._outs: dict[tuple, _Results] = {}  # (shape, dtype, device) -> input-gradient buffer (`input_grad`)
         self._broken = False
         self.replays = 0  # counters, for tests and benchmarks
         self.captures = 0
@@ -157,22 +165,88 @@ class TailGraphs:
         parts += (settings, _tf32(), kernels.active(norms[0][0]))
         return tuple(parts), taken
 
+    def input_grad(self, use: Use) -> torch.Tensor | None:
+        """The input gradient of a use whose rule has a fused backward (`Rule.graphs_input_grad`: LayerNorm), written
+        into a buffer that all such layers of that shape share, by a CUDA graph of that backward where its key comes
+        back (everything the backward reads: the saved input, the weight and the output gradient, their addresses,
+        shapes, strides and dtypes; eps; and where it writes), eagerly otherwise; its per-sample gradients cached as
+        the eager backward caches them. None: the buffer cannot be used now, the caller runs the backward as
+        without graphs.
+
+        The input gradient is returned as a new view of the buffer. A model's LayerNorms take turns with it: each
+        one's input gradient is consumed (added into the residual stream's gradient) before the next LayerNorm's
+        backward runs; where something still holds the last one (the buffer's storage reference count), this
+        backward does not write it. Writing the buffer in eager runs too keeps the caching allocator's pattern the
+        same whether or not a layer's graph exists, so that one capture does not move the tensors every later layer
+        in the backward pass reads (their keys would change and they would be captured again). The per-sample
+        gradients are the graph's own buffers (so the layer's clip tail, which reads them, finds them where they were
+        the step before): they are read before this layer's next replay, as the caller takes this path only for a
+        use whose parameters have no other use in the step."""
+        g = use.grad_out
+        if not isinstance(g, torch.Tensor) or g.device.type != GRAPH_DEVICE or capturing():
+            return None
+        rule = use.unit.rule
+        ops = rule.fused_operands(use)
+        if ops is None or not kernels.layer_norm_fits(*ops[:3]):
+            return None
+        index = g.get_device()
+        sig = _signature(ops[:3], index)
+        out = self._out(use.saved[0]) if sig is not None else None
+        if out is None:
+            return None
+        if not out.reclaim(()):
+            if not self.held:
+                log.info("groupclip: the input gradient of a LayerNorm is still referenced when the next one's "
+                         "backward runs; that backward runs as without tail graphs (slower, same results)")
+            self.held += 1
+            return None
+        names, flat = use.names, out.flat
+        key = ("input", index, sig, ops[3], flat.data_ptr(), use.batch_size, names)
+
+        def tail() -> list[torch.Tensor]:
+            rule.fused_input_grad(use, flat, ops)
+            return [use.cache["ps_" + n] for n in names]
+
+        ps = self.run(("input", use.plan), key, tail, (use,), own_gram=False, copy=False, keep=out)
+        if ps is None:
+            rule.fused_input_grad(use, flat, ops)
+        else:
+            cache = use.cache
+            for n, v in zip(names, ps, strict=True):
+                cache["ps_" + n] = v
+        return out.views()[0]
+
+    def _out(self, x: torch.Tensor) -> _Results | None:
+        """The input-gradient buffer of x's shape, dtype and device (`input_grad`); None without the storage
+        reference count (nothing could tell when it is free)."""
+        if _USE_COUNT is None:
+            return None
+        k = (x.shape, x.dtype, x.device)
+        out = self._outs.get(k)
+        if out is None:
+            out = self._outs[k] = _Results([x], lend=True)
+            if len(self._outs) > SHARED_OUTS:  # (graphs that write an older one keep it)
+                self._outs.pop(next(iter(self._outs)))
+        return out
+
     def run(self, slot_id: tuple, key: tuple, tail: Callable[[], list[torch.Tensor]],
             uses: Sequence[Use], own_gram: bool = True, copy: bool = True,
-            owners: Sequence[torch.nn.Parameter | None] | None = None) -> list[torch.Tensor] | None:
+            owners: Sequence[torch.nn.Parameter | None] | None = None,
+            keep: _Results | None = None) -> list[torch.Tensor] | None:
         """The tail's results from a replay or a new capture, or None: the caller runs the tail eagerly. `uses`: the
         uses it reads (their caches are restored around a capture); `own_gram`: they are single-use tails whose
         shared q/k/v Gram tiles the graph does not touch (`_own_gram`). `copy=False`: the graph's own buffers are
         returned, valid until this slot's next replay (results consumed within the same backward pass).
         `owners`: the parameter whose p.grad each result becomes (None: a result not kept); the results are then
-        lent (views of the graph's buffer, no copy, `_Results.reclaim`)."""
+        lent (views of the graph's buffer, no copy, `_Results.reclaim`). `keep`: a buffer outside the pool the tail
+        writes besides its results, kept as long as its graph (`input_grad`)."""
         if self._broken:
             return None
         slot = self._slots.get(slot_id)
         if slot is None:
             slot = self._slots[slot_id] = _Slot()
         graphs = slot.graphs
-        for i, (gkey, graph, res) in enumerate(graphs):
+        for i, (gkey, graph, res, _) in enumerate(graphs):
             if gkey == key:
                 if i:
                     graphs.insert(0, graphs.pop(i))
@@ -188,7 +262,7 @@ class TailGraphs:
                 slot.seen.insert(0, key)
                 del slot.seen[SEEN_PER_SLOT:]
             return None
-        return self._capture(slot, key, tail, uses, own_gram, copy, owners)
+        return self._capture(slot, key, tail, uses, own_gram, copy, owners, keep)
 
     def _lend(self, res: _Results, copy: bool, owners: Sequence | None) -> bool | None:
         """Whether the next replay lends its results (False: they are copied out, or with copy=False used in place),
@@ -213,7 +287,8 @@ class TailGraphs:
         return res.views() if lend or not copy else res.copies()
 
     def _capture(self, slot: _Slot, key: tuple, tail: Callable[[], list[torch.Tensor]], uses: Sequence[Use],
-                 own_gram: bool, copy: bool, owners: Sequence | None = None) -> list[torch.Tensor] | None:
+                 own_gram: bool, copy: bool, owners: Sequence | None = None,
+                 keep: _Results | None = None) -> list[torch.Tensor] | None:
         slot.captures += 1
         del slot.graphs[GRAPHS_PER_SLOT - 1:]  # the least recently used goes first: its memory returns to the pool
         if own_gram:
@@ -252,7 +327,7 @@ class TailGraphs:
         _reset(uses, before)
         if self._pool is None:
             self._pool = graph.pool()
-        slot.graphs.insert(0, (key, graph, res))
+        slot.graphs.insert(0, (key, graph, res, keep))
         slot.seen.remove(key)
         self.captures += 1
         lend = self._lend(res, copy, owners)
@@ -350,7 +425,7 @@ def _place(warm: list[torch.Tensor], slot: _Slot, stream: torch.cuda.Stream | No
     parameters, between them), or a new flat one, made now so that it lies outside the graphs' memory pool and its
     results can be lent. It is allocated on `stream`, where the graph replays and its results are read. None where
     the results have no common dtype and device."""
-    for _, _, res in slot.graphs:
+    for _, _, res, _ in slot.graphs:
         if res.fits(warm):
             return res
     with torch.cuda.stream(stream):
@@ -363,7 +438,7 @@ def _results(outs: list[torch.Tensor], slot: _Slot, place: _Results | None = Non
     graph; the capture's own results become scratch memory of the pool): `place` (`_place`) or another graph's
     buffer where they fit. Otherwise the results themselves, or a new flat buffer in the pool (its results are
     copied out after each replay, never lent)."""
-    for res in ([place] if place is not None else []) + [res for _, _, res in slot.graphs]:
+    for res in ([place] if place is not None else []) + [res for _, _, res, _ in slot.graphs]:
         if res.fits(outs):
             res.write(outs)
             return res

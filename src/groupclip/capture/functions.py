@@ -33,7 +33,10 @@ class LayerFn(torch.autograd.Function):
     def backward(ctx, g):
         plan = ctx.plan
         use = Use(plan, ctx.saved_tensors, g, ctx.batch, ctx.extra)
-        gx = plan.unit.rule.input_grad(plan.unit.module, use, ctx.x_grad)
+        rule = plan.unit.rule
+        gx = ctx.hub.graphed_input_grad(ctx.state, use) if rule.graphs_input_grad and ctx.x_grad else None
+        if gx is None:
+            gx = rule.input_grad(plan.unit.module, use, ctx.x_grad)
         ctx.hub.on_use(ctx.state, use)
         return (None, None, None, gx) + (None,) * ctx.n_params
 

@@ -65,6 +65,7 @@ class CaptureHub:
         on_wait: Callable[[Use, tuple[str, ...]], None] | None = None,
         on_end: Callable[[], None] | None = None,
         on_begin: Callable[[], None] | None = None,
+        on_input_grad: Callable[[Use], torch.Tensor | None] | None = None,
     ) -> None:
         self.model = model
         self.units = units
@@ -73,6 +74,8 @@ class CaptureHub:
         self.on_wait = on_wait  # called for a use whose group must wait for later uses
         self.on_end = on_end  # called at the end of each backward pass, after its last groups
         self.on_begin = on_begin  # called when a backward pass reaches its first use
+        # a use's input gradient from a CUDA graph of its rule's fused backward (`groupclip.tails`), or None
+        self.on_input_grad = on_input_grad
         # the current step: held strongly while a forward of the model runs, then only by the autograd graph
         # its forward built (ctx.state of LayerFn / Tap), so a step whose graph is dropped without backward
         # (an out-of-memory error in the loss, say) disappears instead of being joined by the next forward
@@ -328,6 +331,18 @@ class CaptureHub:
         return tree_unflatten(out_leaves, out_spec)
 
     # ---------------------------------------------------------------- backward side
+    def graphed_input_grad(self, st: StepState, use: Use) -> torch.Tensor | None:
+        """The input gradient of `use` (its rule has `graphs_input_grad`) from `on_input_grad`, or None: the rule
+        computes it. Only for a use whose parameters have no other use in the step: the graph keeps its per-sample
+        gradients in buffers of its own until its next replay."""
+        if self.on_input_grad is None:
+            return None
+        calls = st.param_uses
+        for i in use.plan.param_ids:
+            if calls[i] != 1:
+                return None
+        return self.on_input_grad(use)
+
     def on_use(self, st: StepState, use: Use) -> None:
         if st.recompute:
             raise EngineError(

@@ -173,14 +173,20 @@ def layer_norm_ps(x, mean, rstd, g, weight: bool, bias: bool):
     return gw, gb
 
 
-def layer_norm_backward(x, mean, rstd, g, w):
+def layer_norm_fits(x, g, w) -> bool:
+    """Whether `layer_norm_backward` takes these operands (x, g (B, T, D); w (D,) or None)."""
+    return (active(x, g) and x.stride(-1) == 1 and g.stride(-1) == 1 and x.shape[-1] <= _ops.LN_BWD_MAX_D
+            and (w is None or w.is_contiguous()))
+
+
+def layer_norm_backward(x, g, w, eps, out=None):
     """LayerNorm's input gradient and per-sample (weight, bias) gradients in one pass, or None where the fused
-    kernel does not apply (then PyTorch's backward and `layer_norm_ps` give the same). x, g (B, T, D); mean,
-    rstd (B, T, 1); w (D,) or None."""
-    if not (active(x, g) and x.stride(-1) == 1 and g.stride(-1) == 1 and x.shape[-1] <= _ops.LN_BWD_MAX_D
-            and (w is None or w.is_contiguous())):
+    kernel does not apply (then PyTorch's backward and `layer_norm_ps` give the same). x, g (B, T, D); w (D,) or
+    None; `eps` the LayerNorm's (the kernel computes the row statistics again from x); `out`: a contiguous tensor
+    of x's shape and dtype to write the input gradient into (`groupclip.tails`)."""
+    if not layer_norm_fits(x, g, w):
         return None
-    return _run("layer_norm_backward", x, mean.reshape(-1), rstd.reshape(-1), g, w)
+    return _run("layer_norm_backward", x, g, w, eps, out=out)
 
 
 # ------------------------------------------------------------------------------ scaling by the coefficient

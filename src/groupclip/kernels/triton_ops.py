@@ -271,7 +271,7 @@ def layer_norm_ps(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: to
 
 
 @triton.jit
-def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_ptr, T, D, T_PER,
+def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, gw_ptr, gb_ptr, T, D, T_PER, eps,
                    sx_b, sx_t, sg_b, sg_t, so_s, HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -285,7 +285,14 @@ def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_p
     for t0 in range(split * T_PER, t_end, BT):
         tt = t0 + tl.arange(0, BT)
         mt = tt < t_end
-        g, xh, rs = _ln_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, b, tt, mt, dd, md, T, sx_b, sx_t, sg_b, sg_t, True)
+        m2 = mt[:, None] & md[None, :]
+        g = tl.load(g_ptr + b * sg_b + tt[:, None] * sg_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * sx_b + tt[:, None] * sx_t + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        # the row statistics again, from the whole rows this program holds (reads nothing more)
+        mu = tl.sum(x, axis=1) / D
+        xc = tl.where(m2, x - mu[:, None], 0.0)
+        rs = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xh = xc * rs[:, None]
         acc_w += tl.sum(g * xh, axis=0)
         acc_b += tl.sum(g, axis=0)
         if HAS_W:
@@ -295,8 +302,7 @@ def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_p
         c1 = tl.sum(gw * xh, axis=1) / D
         c2 = tl.sum(gw, axis=1) / D
         dx = (gw - xh * c1[:, None] - c2[:, None]) * rs[:, None]
-        tl.store(dx_ptr + (b * T + tt[:, None]) * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=mt[:, None] & md[None, :])
+        tl.store(dx_ptr + (b * T + tt[:, None]) * D + dd[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
     out = split * so_s + b * D + dd
     tl.store(gw_ptr + out, acc_w, mask=md)
     tl.store(gb_ptr + out, acc_b, mask=md)
@@ -306,23 +312,24 @@ def _ln_bwd_kernel(x_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, gw_ptr, gb_p
 LN_BWD_MAX_D = 8192
 
 
-def layer_norm_backward(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor,
-                        w: torch.Tensor | None, num_warps: int = 8, programs: int = _LN_PROGRAMS,
-                        rows: int | None = None):
+def layer_norm_backward(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None, eps: float, num_warps: int = 8,
+                        programs: int = _LN_PROGRAMS, rows: int | None = None, out: torch.Tensor | None = None):
     """LayerNorm's input gradient (B, T, D) in x's dtype together with the per-sample gradients of its weight and
-    bias, Σ_t g ⊙ x̂ and Σ_t g, (B, D) float32, in one pass over (x, g); x and g with unit last stride, mean and
-    rstd holding B·T values in (b, t) order."""
+    bias, Σ_t g ⊙ x̂ and Σ_t g, (B, D) float32, in one pass over (x, g); x and g with unit last stride. The row
+    statistics are computed again from x (float32, two passes over the row in registers), so the kernel reads
+    only x, g and w. `out`: a contiguous (B, T, D) tensor of x's dtype the input gradient is written into (and
+    returned), instead of a new one."""
     bsz, t, d = x.shape
     bd = triton.next_power_of_2(d)
     bt = rows or max(1, min(16, 4096 // bd))  # rows per step: 4096 values (4 rows at D = 768)
     splits, t_per = _t_splits(t, bt, programs, bsz)
-    dx = torch.empty((bsz, t, d), device=x.device, dtype=x.dtype)
+    dx = torch.empty((bsz, t, d), device=x.device, dtype=x.dtype) if out is None else out
     ps = torch.empty((2, splits, bsz, d), device=x.device, dtype=torch.float32)  # (weight, bias) partial sums
     if bsz == 0 or t == 0:
         ps = ps.sum(1).zero_()
         return dx, ps[0], ps[1]
     _ln_bwd_kernel[(bsz, splits)](
-        x, g, ps if w is None else w, mean, rstd, dx, ps[0], ps[1], t, d, t_per,
+        x, g, ps if w is None else w, dx, ps[0], ps[1], t, d, t_per, eps,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), bsz * d,
         HAS_W=w is not None, BT=bt, BD=bd, num_warps=num_warps,
     )

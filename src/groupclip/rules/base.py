@@ -50,6 +50,10 @@ class Rule:
 
     #: True when `forward` casts the module's weight and bias under autocast (through `casts`)
     casts_weights = False
+    #: True when the rule has `fused_operands(use)` and `fused_input_grad(use, out, operands)` (LayerNorm): a backward
+    #: kernel giving the input gradient and caching the per-sample gradients in one pass, which `groupclip.tails` can
+    #: replay as a CUDA graph
+    graphs_input_grad = False
 
     def forward(self, module: nn.Module, x: torch.Tensor, names: tuple[str, ...], x_grad: bool,
                 casts: StepCasts | None = None):

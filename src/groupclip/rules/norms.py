@@ -117,23 +117,51 @@ class LayerNormRule(_NormRule):
         out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, w, b, module.eps)
         return out, (x, w, b, mean, rstd), {}
 
+    graphs_input_grad = True
+
     def input_grad(self, module, use, needs):
         if not needs:
             return None
+        dx = self.fused_input_grad(use)
+        if dx is not None:  # the per-sample gradients came from the same pass
+            return dx
         x, w, b, mean, rstd = use.saved
-        fused = None
-        if kernels.active(x, use.grad_out):
-            bsz = x.shape[0]
-            fused = kernels.layer_norm_backward(*self._btd_operands(use), None if w is None else w.reshape(-1))
-        if fused is not None:  # the per-sample gradients came from the same pass
-            dx, gw, gb = fused
-            for n, v in (("weight", gw), ("bias", gb)):
-                if n in use.names:
-                    use.cache["ps_" + n] = _reshaped(v, (bsz, *module.normalized_shape))
-            return _reshaped(dx, x.shape)
         g = use.grad_out if use.grad_out.dtype == x.dtype else use.grad_out.to(x.dtype)
         return torch.ops.aten.native_layer_norm_backward(
             g, x, module.normalized_shape, mean, rstd, w, b, [True, False, False])[0]
+
+    def fused_operands(self, use) -> tuple | None:
+        """x and the output gradient as (B, T, D), the weight as (D,) or None and eps: the fused backward kernel's
+        operands (it computes the row statistics again from x); None where the Triton kernels are off for these
+        tensors (`kernels.layer_norm_fits` tells whether that kernel takes them)."""
+        x, w = use.saved[0], use.saved[1]
+        g = use.grad_out
+        if not kernels.active(x, g):
+            return None
+        module = use.unit.module
+        shape = module.normalized_shape
+        bsz, t, d = x.shape[0], math.prod(x.shape[1 : x.dim() - len(shape)]), math.prod(shape)
+        return (_reshaped(x, (bsz, t, d)), _reshaped(g, (bsz, t, d)), None if w is None else w.reshape(-1),
+                module.eps)
+
+    def fused_input_grad(self, use, out: torch.Tensor | None = None,
+                         operands: tuple | None = None) -> torch.Tensor | None:
+        """The input gradient from the fused kernel, which also caches the per-sample gradients of `use.names`; None
+        where the kernel does not apply. `out`: a contiguous buffer of x's size and dtype the input gradient is
+        written into (`groupclip.tails`); `operands`: `fused_operands(use)`, where the caller has them."""
+        ops = self.fused_operands(use) if operands is None else operands
+        if ops is None:
+            return None
+        x3 = ops[0]
+        fused = kernels.layer_norm_backward(*ops, out=None if out is None else out.view(x3.shape))
+        if fused is None:
+            return None
+        dx, gw, gb = fused
+        shape = (x3.shape[0], *use.unit.module.normalized_shape)
+        for n, v in (("weight", gw), ("bias", gb)):
+            if n in use.names:
+                use.cache["ps_" + n] = _reshaped(v, shape)
+        return _reshaped(dx, use.saved[0].shape)
 
     @staticmethod
     def _btd_operands(use) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
