@@ -416,8 +416,9 @@ def test_graphed_tails_equal_the_eager_engine(autocast):
     tg = eng.clipper.tails
     # (how many keys repeat depends on the allocator: at least a few layers were captured and replayed)
     assert tg.captures >= 3 and tg.replays > tg.captures, (tg.captures, tg.replays)
-    for slot in tg._slots.values():  # a layer's graphs share one result buffer
-        assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res, _ in slot.graphs)
+    for sid, slot in tg._slots.items():  # a layer's tail graphs share one result buffer (the size of its parameters)
+        if sid[0] != "input":  # (a LayerNorm backward's per-sample gradients have one per batch size)
+            assert all(res is slot.graphs[0][2] and res.flat is not None for _, _, res, _ in slot.graphs)
 
 
 @cuda
