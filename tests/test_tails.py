@@ -107,6 +107,23 @@ def test_run_gives_up_on_a_slot_whose_addresses_keep_changing():
     assert tg.run(slot, (tails.MAX_CAPTURES - 1,), tail, use) is None  # after a failed capture: all eager
 
 
+def test_input_gradient_buffers_one_per_shape_kept_by_the_graphs_that_write_them():
+    tg, captured = TailGraphs(), []
+    _fake_capture(tg, captured)
+    bufs = [tg._out(torch.empty(n, 4)) for n in (2, 3)]
+    assert tg._out(torch.empty(3, 4)) is bufs[1] and bufs[0].flat.numel() == 8  # one per shape, x's size
+    tail, use, slot = (lambda: [torch.ones(2)]), (_Use(),), ("input", "plan")
+    assert tg.run(slot, ("k1",), tail, use, copy=False, keep=bufs[0]) is None
+    assert tg.run(slot, ("k1",), tail, use, copy=False, keep=bufs[0]) is not None  # captured: the graph keeps it
+    tg._out(torch.empty(5, 4))
+    assert len(tg._outs) == tails.SHARED_OUTS and bufs[0] not in tg._outs.values()  # the oldest shape left the
+    assert tg._slots[slot].graphs[0][3] is bufs[0]  # registry, not the graph that writes it
+    view = bufs[0].views()[0]
+    assert view.shape == (2, 4) and not bufs[0].reclaim(())  # a view handed out holds the buffer
+    del view
+    assert bufs[0].reclaim(())
+
+
 def test_results_one_flat_buffer_shared_by_a_slots_graphs():
     slot = tails._Slot()
     first = [torch.randn(3, 2), torch.randn(2)]
@@ -332,10 +349,12 @@ class PreLN(nn.Module):
 
 @pytest.mark.parametrize("groups", ["layer-wise", "all-layer"])
 @pytest.mark.parametrize("hold", [False, True])
-def test_layernorm_backward_graph_paths(monkeypatch, groups, hold):
+@pytest.mark.parametrize("replay", [True, False], ids=["replay", "no-graph-yet"])
+def test_layernorm_backward_graph_paths(monkeypatch, groups, hold, replay):
     """The bookkeeping of graphed LayerNorm backwards on the CPU (the fused kernel under Triton's interpreter; `run`
-    stands in for a graph by running the tail): every step's input gradient is the shared buffer, so gradients equal
-    the eager engine's only if each consumer is done with it before the next LayerNorm writes it. A kept input
+    stands in for a graph by running the tail, or with `no-graph-yet` returns None, as before a key's capture, and
+    the backward runs eagerly into the same buffer): every step's input gradient is the shared buffer, so gradients
+    equal the eager engine's only if each consumer is done with it before the next LayerNorm writes it. A kept input
     gradient (`hold`) sends the next LayerNorm's backward down the eager path and must keep its values; a LayerNorm
     used twice in a step never takes the graph (its per-sample gradients would share the graph's buffers)."""
     pytest.importorskip("triton")
@@ -347,7 +366,7 @@ def test_layernorm_backward_graph_paths(monkeypatch, groups, hold):
 
     def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None, keep=None):
         calls.append((slot_id, key, keep))
-        return tail()
+        return tail() if replay else None
 
     monkeypatch.setattr(TailGraphs, "run", run)
     torch.manual_seed(0)
@@ -368,6 +387,8 @@ def test_layernorm_backward_graph_paths(monkeypatch, groups, hold):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=f"step {step}, {n}")
         if hold:
             torch.testing.assert_close(kept[1][0], kept[0][0], rtol=0, atol=0)
+            shared = next(iter(tg._outs.values())).flat
+            assert kept[1][0].untyped_storage().data_ptr() == shared.data_ptr()  # n2's, in the buffer
     inputs = [c for c in calls if c[0][0] == "input"]
     graphed = {c[0][1].unit.module for c in inputs}
     assert model.twice not in graphed
