@@ -107,6 +107,7 @@ class TailGraphs:
         self._slots: dict[tuple, _Slot] = {}
         self._pool = None  # the memory pool all graphs share
         self._outs: dict[tuple, _Results] = {}  # (shape, dtype, device) -> input-gradient buffer (`input_grad`)
+        self._told_input_held = False  # (its own note: `held` also counts lent tail results still held)
         self._broken = False
         self.replays = 0  # counters, for tests and benchmarks
         self.captures = 0
@@ -195,7 +196,8 @@ class TailGraphs:
         if out is None:
             return None
         if not out.reclaim(()):
-            if not self.held:
+            if not self._told_input_held:
+                self._told_input_held = True
                 log.info("groupclip: the input gradient of a LayerNorm is still referenced when the next one's "
                          "backward runs; that backward runs as without tail graphs (slower, same results)")
             self.held += 1

@@ -138,11 +138,8 @@ class LayerNormRule(_NormRule):
         g = use.grad_out
         if not kernels.active(x, g):
             return None
-        module = use.unit.module
-        shape = module.normalized_shape
-        bsz, t, d = x.shape[0], math.prod(x.shape[1 : x.dim() - len(shape)]), math.prod(shape)
-        return (_reshaped(x, (bsz, t, d)), _reshaped(g, (bsz, t, d)), None if w is None else w.reshape(-1),
-                module.eps)
+        btd = self._btd(use)
+        return (_reshaped(x, btd), _reshaped(g, btd), None if w is None else w.reshape(-1), use.unit.module.eps)
 
     def fused_input_grad(self, use, out: torch.Tensor | None = None,
                          operands: tuple | None = None) -> torch.Tensor | None:
@@ -167,10 +164,15 @@ class LayerNormRule(_NormRule):
     def _btd_operands(use) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x, mean, rstd and the output gradient as (B, T, D), (B, T, 1), (B, T, 1), (B, T, D)."""
         x, _, _, mean, rstd = use.saved
-        shape = use.unit.module.normalized_shape
-        bsz, t, d = x.shape[0], math.prod(x.shape[1 : x.dim() - len(shape)]), math.prod(shape)
-        return (_reshaped(x, (bsz, t, d)), _reshaped(mean, (bsz, t, 1)), _reshaped(rstd, (bsz, t, 1)),
-                _reshaped(use.grad_out, (bsz, t, d)))
+        bsz, t, d = btd = LayerNormRule._btd(use)
+        return (_reshaped(x, btd), _reshaped(mean, (bsz, t, 1)), _reshaped(rstd, (bsz, t, 1)),
+                _reshaped(use.grad_out, btd))
+
+    @staticmethod
+    def _btd(use) -> tuple[int, int, int]:
+        """(B, T, D) of the saved input: the batch, every dim before the normalised ones, the normalised ones."""
+        x, shape = use.saved[0], use.unit.module.normalized_shape
+        return x.shape[0], math.prod(x.shape[1 : x.dim() - len(shape)]), math.prod(shape)
 
     def _ps(self, use, name):
         """Both per-sample gradients in one pass over (x, g): Σ_t g ⊙ x̂ and Σ_t g."""
