@@ -66,6 +66,8 @@ def test_batched_copies_give_what_per_layer_casts_give(monkeypatch, conv1d, grou
     for batched in (True, False):
         if not batched:
             monkeypatch.setattr(StepCasts, "get", lambda self, t, dtype: t.to(dtype))
+            monkeypatch.setattr(StepCasts, "pair", lambda self, w, b, dtype: (w.to(dtype),
+                                                                               None if b is None else b.to(dtype)))
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         engine = _engine(model, opt, groups=groups)
@@ -139,6 +141,38 @@ def test_tensors_outside_the_plan_are_cast_on_their_own():
     assert torch.equal(b, w.detach().to(DT)) and torch.equal(a, (w.detach() / 3.0).to(DT))
 
 
+def test_pair_gives_what_two_gets_give():
+    """`StepCasts.pair(w, b)`: views of the batched copy while both are unchanged; a copy of its own for whichever
+    changed in place, or is not in the plan; b None stays None."""
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+    other = nn.Parameter(torch.randn(4))
+    casts = StepCasts(CastPlan([w, b]))
+    cw, cb = casts.pair(w, b, DT)
+    assert torch.equal(cw, w.detach().to(DT)) and torch.equal(cb, b.detach().to(DT))
+    assert cw.dtype == cb.dtype == DT
+    assert cw.untyped_storage().data_ptr() == cb.untyped_storage().data_ptr()  # one batched copy
+    assert casts.get(w, DT).data_ptr() == cw.data_ptr()
+    with torch.no_grad():
+        b.mul_(2.0)
+    cw2, cb2 = casts.pair(w, b, DT)
+    assert cw2.data_ptr() == cw.data_ptr() and torch.equal(cb2, b.detach().to(DT))
+    assert cb2.untyped_storage().data_ptr() != cw.untyped_storage().data_ptr()
+    with torch.no_grad():
+        w.mul_(2.0)
+    cw3, cb3 = casts.pair(w, b, DT)
+    assert torch.equal(cw3, w.detach().to(DT)) and torch.equal(cb3, b.detach().to(DT))
+    assert torch.equal(cw, (w.detach() / 2.0).to(DT))  # the batched copy handed out before is left as it was
+    cw4, co = casts.pair(w, other, DT)  # a bias outside the plan
+    assert torch.equal(cw4, w.detach().to(DT)) and torch.equal(co, other.detach().to(DT))
+    cw5, none = casts.pair(w, None, DT)
+    assert none is None and torch.equal(cw5, w.detach().to(DT))
+    w2 = nn.Parameter(torch.randn(4, 3))
+    half = nn.Parameter(torch.randn(4, dtype=torch.float16))  # another batch (another dtype) of one plan
+    casts = StepCasts(CastPlan([w2, half]))
+    cw6, ch = casts.pair(w2, half, DT)
+    assert torch.equal(cw6, w2.detach().to(DT)) and torch.equal(ch, half.detach().to(DT))
+
+
 def test_float64_layers_are_left_as_autocast_leaves_them():
     """Autocast casts no float64 tensor: neither does the Linear rule (input, weight or bias)."""
     torch.manual_seed(0)
@@ -182,3 +216,54 @@ def test_a_registered_rule_with_the_older_forward_signature_still_runs(monkeypat
     assert OwnCasts.calls == 3
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+class ThreeReaders(nn.Module):
+    """q, k and v read one input; `edit` changes it in place between k and v."""
+
+    def __init__(self, edit=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+        self.edit = edit
+
+    def forward(self, x):
+        h = x * 1.0  # fp32: autocast's layers would each cast it
+        q, k = self.q(h), self.k(h)
+        if self.edit:
+            h.mul_(2.0)
+        return q, k, self.v(h), self.o(x * 3.0)  # o: another input of the same shape, dtype and version
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_layers_reading_one_input_share_its_copy_and_its_readers(edit):
+    """Under autocast, the layers that read the very same input (unchanged) are handed one low-precision copy of it
+    and one `SharedInput` (counted once per reader, for the Gram shared in backward); an input changed in place in
+    between is a new input. Each layer's output is what autocast gives."""
+    torch.manual_seed(0)
+    model = ThreeReaders(edit)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _engine(model, opt)
+    x = torch.randn(5, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=DT):
+        outs = model(x)
+        ref = copy.deepcopy(model)
+    infos = [o.grad_fn.info for o in outs]  # LayerFn's (hub, plan, state, extra, ...) of each call
+    shared = [info[3]["input"] for info in infos]
+    saved = [o.grad_fn.saved_tensors[0] for o in outs]
+    assert all(s.dtype == DT for s in saved)
+    assert shared[3] not in shared[:3] and shared[3].readers == 1
+    assert torch.equal(saved[3], (x.detach() * 3.0).to(DT))
+    assert shared[0] is shared[1] and saved[0].data_ptr() == saved[1].data_ptr()
+    if edit:
+        assert shared[2] is not shared[0] and saved[2].data_ptr() != saved[0].data_ptr()
+        assert (shared[0].readers, shared[2].readers) == (2, 1)
+        assert torch.equal(saved[2], (x.detach() * 2.0).to(DT))
+    else:
+        assert shared[2] is shared[0] and saved[2].data_ptr() == saved[0].data_ptr() and shared[0].readers == 3
+    h = x.detach()
+    for layer, out, scale in zip((ref.q, ref.k, ref.v, ref.o), outs, (1.0, 1.0, 2.0 if edit else 1.0, 3.0),
+                                 strict=True):
+        with torch.autocast("cpu", dtype=DT):
+            want = nn.functional.linear(h * scale, layer.weight, layer.bias)
+        assert torch.equal(out.detach(), want)
+    sum(o.float().sum() for o in outs).backward()  # the step ends (its memos are cleared)

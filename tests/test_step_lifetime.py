@@ -12,7 +12,7 @@ from torch import nn
 import groupclip
 from groupclip import EngineError
 from groupclip.rules.base import GRAMS
-from groupclip.rules.linear import CASTS
+from groupclip.rules.linear import LAST_INPUT
 
 
 class TwoLayer(nn.Module):
@@ -42,7 +42,7 @@ def test_captured_tensors_are_freed_after_backward(groups):
     gc.collect()
     assert all(r() is None for r in model.seen), "an activation saved for clipping outlived its step"
     assert engine.hub.state is None
-    assert not GRAMS.items and not CASTS.items
+    assert not GRAMS.items and LAST_INPUT.empty()
 
 
 def test_no_grad_forward_captures_nothing():
@@ -255,7 +255,7 @@ def test_a_step_that_failed_after_forward_leaves_nothing_behind(groups, where, c
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
     assert engines[0].hub.state is None and not engines[0].hub._pending
-    assert not GRAMS.items and not CASTS.items
+    assert not GRAMS.items and LAST_INPUT.empty()
     gc.collect()
     assert all(r() is None for r in failed), "the failed step's activations are still alive"
 

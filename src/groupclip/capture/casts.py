@@ -72,6 +72,30 @@ class StepCasts:
             return t.to(dtype)
         return torch.as_strided(flat, shape, strides, offset)
 
+    def pair(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
+        """(`get(w, dtype)`, `get(b, dtype)` or None where b is None) in one call: a layer's weight and bias, the
+        common case of one batch, with one lookup of the batch's copy (a Linear layer's forward asks for both)."""
+        where = self._plan.where
+        ww = where.get(id(w))
+        wb = None if b is None else where.get(id(b))
+        if (ww is None or ww[0] is not w or (b is not None and (wb is None or wb[0] is not b or wb[1] != ww[1]))
+                or capturing()):
+            return self.get(w, dtype), (None if b is None else self.get(b, dtype))
+        bi = ww[1]
+        made = self._made.get((bi, dtype))
+        if made is None:
+            made = self._made[(bi, dtype)] = self._make(bi, dtype)
+        flat, versions, device = made
+        if versions[ww[2]] != w._version or w.get_device() != device:
+            cw = w.to(dtype)
+        else:
+            cw = torch.as_strided(flat, ww[3], ww[4], ww[5])
+        if b is None:
+            return cw, None
+        if versions[wb[2]] != b._version or b.get_device() != device:
+            return cw, b.to(dtype)
+        return cw, torch.as_strided(flat, wb[3], wb[4], wb[5])
+
     def _make(self, bi: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int], int]:
         ts = self._plan.batches[bi]
         flat = torch.empty(self._plan.numels[bi], dtype=dtype, device=ts[0].device)

@@ -55,8 +55,9 @@ class StepState:
 
     def __init__(self) -> None:
         self.batch_size: int | None = None
-        self.expected: dict[int, int] = defaultdict(int)
-        self.param_uses: dict[int, int] = defaultdict(int)  # id(param) -> forward calls that used it
+        self._expected: dict[int, int] = defaultdict(int)
+        self._param_uses: dict[int, int] = defaultdict(int)
+        self._calls: list[CallPlan] = []  # forward calls not yet counted into the two above
         self.arrived: dict[int, list[Use]] = defaultdict(list)
         self.done: set[int] = set()
         self.backward_started = False
@@ -65,19 +66,41 @@ class StepState:
         self.casts: StepCasts | None = None  # the step's autocast copies of the layers' weights (set by the hub)
 
     def count_forward(self, plan: CallPlan) -> None:
-        expected, uses = self.expected, self.param_uses
-        for g in plan.groups:
-            expected[g] += 1
-        for i in plan.param_ids:
-            uses[i] += 1
+        """Count one forward call of `plan` (counted when the counts are first read, in backward: a forward layer
+        call only appends)."""
+        self._calls.append(plan)
+
+    def _count(self) -> None:
+        calls, self._calls = self._calls, []
+        expected, uses = self._expected, self._param_uses
+        for plan in calls:
+            for g in plan.groups:
+                expected[g] += 1
+            for i in plan.param_ids:
+                uses[i] += 1
+
+    @property
+    def expected(self) -> dict[int, int]:
+        """group -> forward calls of its units in this step."""
+        if self._calls:
+            self._count()
+        return self._expected
+
+    @property
+    def param_uses(self) -> dict[int, int]:
+        """id(param) -> forward calls that used it in this step."""
+        if self._calls:
+            self._count()
+        return self._param_uses
 
     def add(self, use: Use) -> list[int]:
         """Record a use; return the groups that just became complete."""
         complete = []
+        expected = self.expected
         for g in use.plan.groups:
             arrived = self.arrived[g]
             arrived.append(use)
-            if len(arrived) >= self.expected[g] and g not in self.done:
+            if len(arrived) >= expected[g] and g not in self.done:
                 complete.append(g)
         return complete
 

@@ -24,21 +24,20 @@ class LayerFn(torch.autograd.Function):
         else:
             out, saved, extra = rule.forward(unit.module, x, plan.names, x_grad)
         ctx.save_for_backward(*saved)
-        ctx.hub, ctx.plan, ctx.state, ctx.extra, ctx.x_grad = hub, plan, state, extra, x_grad
-        ctx.batch = x.shape[0] if x.dim() else 1
-        ctx.n_params = len(params)
+        # (one attribute: each costs a layer call host time)
+        ctx.info = (hub, plan, state, extra, x_grad, x.shape[0] if x.dim() else 1, len(params))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        plan = ctx.plan
-        use = Use(plan, ctx.saved_tensors, g, ctx.batch, ctx.extra)
+        hub, plan, state, extra, x_grad, batch, n_params = ctx.info
+        use = Use(plan, ctx.saved_tensors, g, batch, extra)
         rule = plan.unit.rule
-        gx = ctx.hub.graphed_input_grad(ctx.state, use) if rule.graphs_input_grad and ctx.x_grad else None
+        gx = hub.graphed_input_grad(state, use) if rule.graphs_input_grad and x_grad else None
         if gx is None:
-            gx = rule.input_grad(plan.unit.module, use, ctx.x_grad)
-        ctx.hub.on_use(ctx.state, use)
-        return (None, None, None, gx) + (None,) * ctx.n_params
+            gx = rule.input_grad(plan.unit.module, use, x_grad)
+        hub.on_use(state, use)
+        return (None, None, None, gx) + (None,) * n_params
 
 
 def _direct_apply(fn: type[torch.autograd.Function]):

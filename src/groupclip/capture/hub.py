@@ -234,14 +234,18 @@ class CaptureHub:
         st.casts = StepCasts(self._casts)
         return st
 
-    def _plan(self, unit: Unit) -> CallPlan | None:
-        """The plan of a call of `unit` with its parameters' current requires_grad; None if none is trainable."""
-        names = tuple([n for n, p in unit.params.items() if p.requires_grad])
-        if not names:
-            return None
-        plan = self._plans.get((unit, names))
+    def _plan(self, unit: Unit, items: tuple, plans: dict) -> CallPlan | None:
+        """The plan of a call of `unit` with its parameters' current requires_grad (`items`: its parameters' (name,
+        parameter) pairs; `plans`: its plans by trainable names); None if none is trainable."""
+        names = tuple([n for n, p in items if p.requires_grad])
+        plan = plans.get(names)
         if plan is None:
-            plan = self._plans[(unit, names)] = self._make_plan(unit, names)
+            if not names:
+                return None
+            plan = self._plans.get((unit, names))
+            if plan is None:
+                plan = self._plans[(unit, names)] = self._make_plan(unit, names)
+            plans[names] = plan
         return plan
 
     def _make_plan(self, unit: Unit, names: tuple[str, ...]) -> CallPlan:
@@ -260,23 +264,30 @@ class CaptureHub:
     def _make_forward(self, unit: Unit):
         orig = type(unit.module).forward.__get__(unit.module)
         hub = self
+        items, plans = tuple(unit.params.items()), {}  # (the closure's own: one plan lookup per call)
+        in_function = unit.rule.in_function
+        grad_enabled, task_id = torch.is_grad_enabled, torch._C._current_graph_task_id
 
         def forward(*args, **kwargs):
-            if hub._bypass or not torch.is_grad_enabled():
+            if hub._bypass or not grad_enabled():
                 if hub._replay is not None and hub._bypass:
                     recorded = hub._replay(unit, args, kwargs)
                     if recorded is not None:
                         return recorded
                 return orig(*args, **kwargs)
-            plan = hub._plan(unit)
+            plan = hub._plan(unit, items, plans)
             if plan is None:
                 return orig(*args, **kwargs)
-            if torch._C._current_graph_task_id() != -1:  # a re-computation inside backward (checkpointing)
+            if task_id() != -1:  # a re-computation inside backward (checkpointing)
                 st = hub._recompute_state(hub.state)
             else:
-                st = hub._current()
-            if unit.rule.in_function and len(args) == 1 and not kwargs:
-                x = batchify(args[0], st.batch_size, unit)
+                st = hub.state
+                if st is None or st.backward_started:
+                    st = hub._current()
+            if in_function and len(args) == 1 and not kwargs:
+                x = args[0]
+                if st.batch_size is not None and (x.dim() == 0 or x.shape[0] != st.batch_size):
+                    x = batchify(x, st.batch_size, unit)
                 st.count_forward(plan)
                 # the parameters are inputs only where the output would otherwise not require grad (an input
                 # that needs no gradient): each parameter edge costs backward a node and a guard-hook call

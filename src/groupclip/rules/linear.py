@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,10 @@ from torch import nn
 from groupclip import kernels
 from groupclip.capture.context import Use
 from groupclip.rules.base import (
+    _MEMOS_OFF,
+    _STEP_MEMOS,
     Factors,
     WeightBiasRule,
-    _TensorMemo,
     acc_dtype,
     chunked_norms,
     common,
@@ -24,8 +26,50 @@ from groupclip.rules.base import (
     scaled_input,
 )
 
-CASTS = _TensorMemo(size=1)  # input -> its autocast copy, shared by the layers that read it
-READERS = _TensorMemo(size=1)  # input -> its kernels.SharedInput (the layers that read it in this step)
+
+class _LastInput:
+    """The input the last Linear layer of this step read, by identity and version: its autocast copy and its
+    `kernels.SharedInput` (the layers that read it), which the next layers reading the very same tensor (q, k and v
+    read one hidden state) share: one cast, and one Gram of it in backward.
+
+    Keeps a weak reference to the input, never the input itself (it would keep a failed step's graph alive), and the
+    copy only where one was made (under autograd off: no history). Cleared with the step's memos."""
+
+    __slots__ = ("ref", "version", "dtype", "copy", "shared")
+
+    def __init__(self) -> None:
+        self.clear()
+        _STEP_MEMOS.append(self)
+
+    def clear(self) -> None:
+        self.ref = self.version = self.dtype = self.copy = self.shared = None
+
+    def empty(self) -> bool:
+        return self.ref is None and self.copy is None and self.shared is None
+
+    def read(self, x: torch.Tensor, dt: torch.dtype | None, weight: bool):
+        """(x cast to dt as autocast would (dt None: as it is), its SharedInput or None where `weight` is False)."""
+        if _MEMOS_OFF[0]:
+            return _autocast_copy(x, dt), (kernels.SharedInput() if weight else None)
+        ref = self.ref
+        if ref is None or ref() is not x or self.version != x._version or self.dtype != dt:
+            copy = _autocast_copy(x, dt)
+            self.ref, self.version, self.dtype = weakref.ref(x), x._version, dt
+            self.copy = copy if copy is not x else None
+            self.shared = None
+        shared = self.shared
+        if weight and shared is None:
+            shared = self.shared = kernels.SharedInput()
+        return (x if self.copy is None else self.copy), shared
+
+
+def _autocast_copy(x: torch.Tensor, dt: torch.dtype | None) -> torch.Tensor:
+    if dt is None or not x.is_floating_point() or x.dtype == dt or x.dtype == torch.float64:  # (as autocast)
+        return x
+    return x.to(dt)
+
+
+LAST_INPUT = _LastInput()
 
 
 def _as_btd(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -45,31 +89,33 @@ class LinearRule(WeightBiasRule):
 
     def forward(self, module, x, names, x_grad, casts=None):
         w, b = module.weight, module.bias
-        dev = x.device.type
+        dev = "cuda" if x.is_cuda else x.device.type
+        weight = "weight" in names
         if torch.is_autocast_enabled(dev):
-            # keep the low-precision copy autocast would make anyway, not the wider input; layers reading
-            # the same input (q, k, v) share one copy, which also lets them share its Gram matrix
+            # keep the low-precision copy autocast would make anyway, not the wider input; layers reading the same
+            # input (q, k, v) share one copy, which also lets them share its Gram matrix
             dt = torch.get_autocast_dtype(dev)
-            if x.is_floating_point() and x.dtype != dt and x.dtype != torch.float64:  # (as autocast: not float64)
-                x = CASTS.get_or_make(x, dt, x.to, dt)
+            x, shared = LAST_INPUT.read(x, dt, weight)
             # cast the weight once here and keep that copy for the input gradient (autocast would cast it too);
             # the step's copies of every layer's weights are made in one batch (`StepCasts`)
-            if w.dtype != dt and w.dtype != torch.float64:
-                w = w.to(dt) if casts is None else casts.get(w, dt)
-            if b is not None and b.dtype != dt and b.dtype != torch.float64:
-                b = b.to(dt) if casts is None else casts.get(b, dt)
+            if w.dtype != dt and w.dtype != torch.float64 and (b is None or b.dtype == w.dtype):
+                w, b = (w.to(dt), None if b is None else b.to(dt)) if casts is None else casts.pair(w, b, dt)
+            else:
+                if w.dtype != dt and w.dtype != torch.float64:
+                    w = w.to(dt) if casts is None else casts.get(w, dt)
+                if b is not None and b.dtype != dt and b.dtype != torch.float64:
+                    b = b.to(dt) if casts is None else casts.get(b, dt)
+        else:
+            x, shared = LAST_INPUT.read(x, None, weight)
         if self.transposed:
             w = w.t()
         out = F.linear(x, w, b)
-        keep_x = x if "weight" in names else None
-        extra = {}
-        if keep_x is not None:
-            # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward, and
-            # under one coefficient (all-layer clipping) its scaled copy for the clipped sums
-            shared = READERS.get_or_make(x, "readers", kernels.SharedInput)
-            shared.readers += 1
-            extra["input"] = shared
-        return out, (keep_x, w), extra
+        if not weight:
+            return out, (None, w), {}
+        # q, k and v read one input: their fused ghost kernels can share its Gram tiles in backward, and under one
+        # coefficient (all-layer clipping) its scaled copy for the clipped sums
+        shared.readers += 1
+        return out, (x, w), {"input": shared}
 
     def input_grad(self, module, use, needs):
         if not needs:
