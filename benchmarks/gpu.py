@@ -503,9 +503,11 @@ def max_batch_isolated(workload, mode, precision, timeout, tiny) -> dict:
     return row
 
 
-def warm_setup(workload, mode, precision):
+def warm_setup(workload, mode, precision, sync_steps=False):
     """A configuration with one batch of data, after three warm-up steps (more while groupclip's tail-graph trial
-    has not decided, up to TRIAL_CAP)."""
+    has not decided, up to TRIAL_CAP). `sync_steps`: a host sync after each warm-up step, as in a loop that reads a
+    result every step (the trial decides for the loop it sees: back to back, the host may catch up in the next
+    forward what a sync'd step would wait for)."""
     reset()
     s = Setup(workload, mode, precision)
     gen = torch.Generator(DEV).manual_seed(1)
@@ -514,6 +516,8 @@ def warm_setup(workload, mode, precision):
         if i >= 3 and not s.trial_pending():
             break
         s.step(x, y)
+        if sync_steps:
+            sync()
     sync()
     return s, x, y
 

@@ -1,8 +1,8 @@
 """Step by step: what a synchronised training step of one configuration spends, to tell the GPU's work from the host's.
 
-For each mode (non-private and groupclip's, default `tail_graphs="auto"`), after `gpu.warm_setup` (the tail-graph
-trial decided) and `--settle` more steps on two fresh batches taken in turn (the graphs captured for their
-addresses), `--steps` steps each between two host syncs. Per step: its time (sync to sync), the host's time to
+For each mode (non-private and groupclip's, default `tail_graphs="auto"`), after `gpu.warm_setup` with a sync per
+step (the tail-graph trial decided for a synchronised loop) and `--settle` more steps on two fresh batches taken in
+turn (the graphs captured for their addresses), `--steps` steps each between two host syncs. Per step: its time (sync to sync), the host's time to
 enqueue it (sync to the end of `optimizer.step()`) and to the end of `backward()` (eager modes: under all-layer
 clipping the group's clipped sums can start on the GPU only then), the clip tails replayed, captured and skipped
 because lent results were still held (`groupclip.tails`), and Python's garbage collections in it (generation, ms).
@@ -120,7 +120,7 @@ def _timeline(rows: list[dict]) -> list[dict]:
 
 def measure(workload: str, mode: str, precision: str, steps: int, settle: int, collections: _Collections,
             marks: bool = False) -> dict:
-    s, _, _ = gpu.warm_setup(workload, mode, precision)
+    s, _, _ = gpu.warm_setup(workload, mode, precision, sync_steps=True)  # (the timed steps are synchronised)
     gen = torch.Generator(gpu.DEV).manual_seed(1)
     batches = [gpu.make_batch(s.kind, s.batch, s.seq, gen, s.small) for _ in range(2)]
     for i in range(settle):
