@@ -2,16 +2,16 @@
 
 For each mode (non-private and groupclip's, default `tail_graphs="auto"`), after `gpu.warm_setup` with a sync per
 step (the tail-graph trial decided for a synchronised loop) and `--settle` more steps on two fresh batches taken in
-turn (the graphs captured for their addresses), `--steps` steps each between two host syncs. Per step: its time (sync to sync), the host's time to
-enqueue it (sync to the end of `optimizer.step()`) and to the end of `backward()` (eager modes: under all-layer
-clipping the group's clipped sums can start on the GPU only then), the clip tails replayed, captured and skipped
-because lent results were still held (`groupclip.tails`), and Python's garbage collections in it (generation, ms).
-With `--marks`, also a timeline of each eager step: at the end of each block's forward, the start of its backward
-(a hook on the block's output), and the ends of forward, backward and optimizer step, the host's time and the GPU's
-(a CUDA event recorded there), both from the step's start. Where the GPU's time at a mark is about the host's, the
-GPU had caught up with the host there (it waited for the host's work).
-A step whose host time stays below the GPU's work takes the GPU's time; one whose host falls behind takes about the
-host's.
+turn (the graphs captured for their addresses), `--steps` steps each between two host syncs. Per step: its time (sync
+to sync), the host's time to enqueue it (sync to the end of `optimizer.step()`) and to the end of `backward()` (eager
+modes: under all-layer clipping the group's clipped sums can start on the GPU only then), the clip tails replayed,
+captured and skipped because lent results were still held (`groupclip.tails`), and Python's garbage collections in it
+(generation, ms).
+With `--marks`, also a timeline of each eager step: at the end of each block's forward, the start of its backward (a
+hook on the block's output), and the ends of forward, backward and optimizer step, the host's time and the GPU's (a
+CUDA event recorded there), both from the step's start. Where the GPU's time at a mark is about the host's, the GPU
+had caught up with the host there (it waited for the host's work). A step whose host time stays below the GPU's work
+takes the GPU's time; one whose host falls behind takes about the host's.
 
     python benchmarks/step_jitter.py --out benchmarks/results/h100-2026-11-24-step-jitter.json
 """

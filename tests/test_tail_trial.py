@@ -149,11 +149,21 @@ def test_only_the_second_step_of_each_block_is_timed():
     assert trial.report["ms_per_sample_without"] == pytest.approx(100 / 8)
 
 
-def test_gpu_bound_loop_drops_them():
+def test_slower_with_them_drops_them():
     trial = _Trial(_Tails())
-    keep, _, _ = _run(trial, lambda on, i: 99.0 if on else 100.0)  # 1%: under MIN_GAIN
+    keep, _, _ = _run(trial, lambda on, i: 101.5 if on else 100.0)  # 1.5% slower: over MAX_LOSS
     assert keep is False and not trial.tails.active
-    assert "faster" in trial.report["reason"]
+    assert "slower" in trial.report["reason"]
+
+
+@pytest.mark.parametrize("with_them", [99.0, 100.0, 100.5])
+def test_as_fast_with_them_keeps_them(with_them):
+    """A tie (within MAX_LOSS) keeps them: the backward pass alone left the GPU idle (the probe), which only the loop's
+    slack hid."""
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: with_them if on else 100.0)
+    assert keep is True and trial.tails.active
+    assert trial.report["reason"] == "as fast"
 
 
 def test_gpu_bound_backward_decides_off_without_trying_the_graphs():

@@ -494,7 +494,7 @@ def test_auto_mode_decides_and_stays_equal_to_the_eager_engine():
     assert report["host_share"] > 0
     if report.get("gpu_busy_ms") is not None:  # the head-start probe measured the GPU's work in a backward pass
         assert 0 < report["gpu_busy_ms"] <= 1.5 * report["backward_gpu_ms"], report
-    if "faster" in report["reason"]:  # the graphs were timed against the eager tails
+    if report["reason"] in ("faster", "as fast") or "slower" in report["reason"]:  # timed against the eager tails
         assert report["ms_per_sample_without"] > 0 and report["ms_per_sample_with"] > 0, report
 
 
