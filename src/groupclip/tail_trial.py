@@ -24,15 +24,15 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    of each (a host's speed drifts by tens of percent within seconds; alternating exposes both to the same drift;
    the first step of a block lets the GPU's backlog settle to that mode's: a step with the graphs leaves the GPU
    behind the host, which a step right after it would be charged for). A step that captures starts this over;
-6. the graphs stay on unless the median step with them took more than `MAX_LOSS` more time per sample than the
-   median step without them (or no tail was replayed); otherwise they are dropped with their memory. A tie keeps
-   them: the probe of step 3 showed that a backward pass on its own leaves the GPU idle, so a loop that times the
-   same without them is only hiding the host's backward behind its slack (the next forward overlapping it), which
-   a sync per step (reading the loss for a log) or a slower host takes away. ViT-base bf16 layer-wise on an H100,
-   trial run back to back: 0.453 ms a sample with them, 0.455 without, dropped under the old rule (at least 3%
-   faster); the synchronised steps after that took 59-160 ms (median 75-84) without them, against 64-66 ms with
-   them in the same session (`benchmarks/results/h100-2026-11-24-step-marks-b2b-trial.json`). The decision is
-logged (INFO) and kept for the engine's life.
+6. the graphs stay on unless the median step with them took more than `MAX_LOSS` more time per sample than the median
+   step without them (or no tail was replayed); otherwise they are dropped with their memory. A tie keeps them: the
+   probe of step 3 showed that a backward pass on its own leaves the GPU idle (or could not tell), so a loop that
+   times the same without them is only hiding the host's backward behind its slack (the next forward overlapping it),
+   which a sync per step (reading the loss for a log) or a slower host takes away. ViT-base bf16 layer-wise on an
+   H100, trial run back to back: 0.453 ms a sample with them, 0.455 without, dropped under the old rule (at least 3%
+   faster); the synchronised steps after that took 59-160 ms (median 75-84) without them, against 64-66 ms with them
+   in the same session (`benchmarks/results/h100-2026-11-24-step-marks-b2b-trial.json`). The decision is logged
+   (INFO) and kept for the engine's life.
 
 A step's time is the GPU time between the ends of two consecutive backward passes (CUDA events on the stream of
 the gradients), i.e. the loop's real period whether the host or the GPU is the slower, per sample of the later

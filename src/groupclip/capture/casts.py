@@ -61,16 +61,7 @@ class StepCasts:
         where = self._plan.where.get(id(t))
         if where is None or where[0] is not t or capturing():
             return t.to(dtype)
-        _, bi, j, shape, strides, offset = where
-        made = self._made.get((bi, dtype))
-        if made is None:
-            made = self._made[(bi, dtype)] = self._make(bi, dtype)
-        flat, versions, device = made
-        if versions[j] != t._version or t.get_device() != device:
-            # changed in place since (the batch's other copies may still be read: saved for backward), or moved to
-            # another device than the batch's first tensor
-            return t.to(dtype)
-        return torch.as_strided(flat, shape, strides, offset)
+        return self._view(t, where, self._batch(where[1], dtype), dtype)
 
     def pair(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype):
         """(`get(w, dtype)`, `get(b, dtype)` or None where b is None) in one call: a layer's weight and bias, the
@@ -81,20 +72,24 @@ class StepCasts:
         if (ww is None or ww[0] is not w or (b is not None and (wb is None or wb[0] is not b or wb[1] != ww[1]))
                 or capturing()):
             return self.get(w, dtype), (None if b is None else self.get(b, dtype))
-        bi = ww[1]
+        made = self._batch(ww[1], dtype)
+        return self._view(w, ww, made, dtype), (None if b is None else self._view(b, wb, made, dtype))
+
+    def _batch(self, bi: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int], int]:
         made = self._made.get((bi, dtype))
         if made is None:
             made = self._made[(bi, dtype)] = self._make(bi, dtype)
+        return made
+
+    @staticmethod
+    def _view(t: torch.Tensor, where: tuple, made: tuple, dtype: torch.dtype) -> torch.Tensor:
         flat, versions, device = made
-        if versions[ww[2]] != w._version or w.get_device() != device:
-            cw = w.to(dtype)
-        else:
-            cw = torch.as_strided(flat, ww[3], ww[4], ww[5])
-        if b is None:
-            return cw, None
-        if versions[wb[2]] != b._version or b.get_device() != device:
-            return cw, b.to(dtype)
-        return cw, torch.as_strided(flat, wb[3], wb[4], wb[5])
+        _, _, j, shape, strides, offset = where
+        if versions[j] != t._version or t.get_device() != device:
+            # changed in place since (the batch's other copies may still be read: saved for backward), or moved to
+            # another device than the batch's first tensor
+            return t.to(dtype)
+        return torch.as_strided(flat, shape, strides, offset)
 
     def _make(self, bi: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[int], int]:
         ts = self._plan.batches[bi]

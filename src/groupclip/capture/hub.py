@@ -281,13 +281,9 @@ class CaptureHub:
             if task_id() != -1:  # a re-computation inside backward (checkpointing)
                 st = hub._recompute_state(hub.state)
             else:
-                st = hub.state
-                if st is None or st.backward_started:
-                    st = hub._current()
+                st = hub._current()
             if in_function and len(args) == 1 and not kwargs:
-                x = args[0]
-                if st.batch_size is not None and (x.dim() == 0 or x.shape[0] != st.batch_size):
-                    x = batchify(x, st.batch_size, unit)
+                x = batchify(args[0], st.batch_size, unit)
                 st.count_forward(plan)
                 # the parameters are inputs only where the output would otherwise not require grad (an input
                 # that needs no gradient): each parameter edge costs backward a node and a guard-hook call

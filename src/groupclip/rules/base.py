@@ -207,7 +207,7 @@ def common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
-_STEP_MEMOS: list[_TensorMemo] = []
+_STEP_MEMOS: list = []  # the step's memos (each with a clear()): _TensorMemo's and rules' own
 _MEMOS_OFF = [0]  # depth of `memos_off` scopes
 
 
