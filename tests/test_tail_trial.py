@@ -334,3 +334,161 @@ def test_engine_on_the_cpu_decides_off_after_the_first_backward(monkeypatch):
     assert clipper.tail_trial is None and clipper.tails is None
     assert clipper.tail_report["kept"] is False
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- after the decision
+class _Watch(tail_trial.TailWatch):
+    """The watch on fake clocks: marks read `now` (GPU ms); `host` (ms) is its host clock; `done(mark)` says whether the
+    GPU has passed a mark (default: always)."""
+
+    def __init__(self, busy=None):
+        super().__init__({"gpu_busy_ms": busy}, "a GPU")
+        self.now = self.host = 0.0
+        self.done = lambda mark: True
+
+    def _mark(self):
+        return self.now
+
+    def _clock(self):
+        return self.host / 1e3
+
+    def _finished(self, mark):
+        return self.done(mark)
+
+    @staticmethod
+    def _elapsed_ms(a, b):
+        return b - a
+
+
+def _watch(watch, window, host, passes, between=20.0):
+    """`passes` backward passes of `window(i)` GPU ms and `host(i)` host ms, `between` GPU ms apart; the first pass
+    (1-based) after which the watch asks for a new trial, or None."""
+    for i in range(1, passes + 1):
+        watch.now += between
+        watch.begin_of_backward()
+        watch.now += window(i)
+        watch.host += host(i)
+        if watch.end_of_backward():
+            return i
+    return None
+
+
+def test_watch_leaves_a_loop_that_stays_gpu_bound_alone():
+    watch = _Watch(busy=40.0)
+    assert _watch(watch, lambda i: 40.0, lambda i: 39.0, 5 * tail_trial.WATCH_PASSES) is None
+    assert watch.report is None
+
+
+def test_watch_asks_again_when_the_gpu_starts_to_idle_in_backward():
+    # GPU-bound at first (window = the probe's busy time); then the host slows: the pass takes 52 ms on the GPU, of
+    # which 40 are its own work: 12 ms idle of a 72 ms step, over MIN_GAIN
+    watch = _Watch(busy=40.0)
+    slow_from = 2 * tail_trial.WATCH_PASSES + 3
+    asked = _watch(watch, lambda i: 40.0 if i < slow_from else 52.0, lambda i: 39.0 if i < slow_from else 52.0,
+                   6 * tail_trial.WATCH_PASSES)
+    assert asked is not None and slow_from < asked <= slow_from + 2 * tail_trial.WATCH_PASSES
+    assert watch.report["window_ms"] == pytest.approx(52.0) and "idles 12 ms" in watch.report["reason"]
+
+
+def test_watch_counts_an_idle_time_under_min_gain_as_gpu_bound():
+    watch = _Watch(busy=40.0)  # 1 ms idle of a 61 ms step: under 3%
+    assert _watch(watch, lambda i: 41.0, lambda i: 41.0, 5 * tail_trial.WATCH_PASSES) is None
+
+
+@pytest.mark.parametrize("share, asks", [(0.6, False), (0.94, False), (1.0, True)])
+def test_watch_without_a_probe_asks_again_by_the_host_share(share, asks):
+    watch = _Watch(busy=None)  # the trial decided by the host share alone
+    asked = _watch(watch, lambda i: 40.0, lambda i: share * 40.0, 3 * tail_trial.WATCH_PASSES)
+    assert (asked is not None) is asks
+    if asks:
+        assert asked == tail_trial.WATCH_PASSES and "100%" in watch.report["reason"]
+
+
+def test_watch_reads_a_pass_only_once_the_gpu_has_passed_it():
+    watch = _Watch(busy=40.0)
+    watch.done = lambda mark: False  # the GPU never gets there: nothing is read, nothing decided
+    assert _watch(watch, lambda i: 60.0, lambda i: 60.0, 3 * tail_trial.WATCH_PASSES) is None
+    assert watch.windows == [] and len(watch._pending) == 3 * tail_trial.WATCH_PASSES
+    watch.done = lambda mark: True  # caught up: the passes are read in order, and judged
+    assert _watch(watch, lambda i: 60.0, lambda i: 60.0, 1) == 1
+    assert watch._pending == []
+
+
+class _Decided:
+    """A trial that decides at the next pass's end."""
+
+    def __init__(self, keep, reason, busy=None):
+        self.keep, self.device = keep, "a GPU"
+        self.report = {"kept": keep, "reason": reason, "gpu_busy_ms": busy}
+
+    def begin_of_backward(self):
+        pass
+
+    def end_of_backward(self):
+        return self.keep
+
+
+class _Asks:
+    """A watch that asks for a new trial at its first pass."""
+
+    report = {"reason": "the GPU now idles"}
+
+    def begin_of_backward(self):
+        pass
+
+    def end_of_backward(self):
+        return True
+
+
+def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_retrials_times(monkeypatch):
+    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not private")
+        eng = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0, seed=0)
+    clipper = eng.clipper
+    for attempt in range(tail_trial.MAX_RETRIALS + 1):
+        clipper.tail_trial = _Decided(False, "GPU-bound: a backward pass's host time is 80% of its GPU time")
+        clipper.end_of_backward()
+        assert clipper.tail_trial is None and clipper.tails is None
+        assert clipper.tail_report["reason"].startswith("GPU-bound")
+        if attempt == tail_trial.MAX_RETRIALS:  # no more watching
+            assert clipper.tail_watch is None
+            assert len(clipper.tail_report["retrials"]) == tail_trial.MAX_RETRIALS
+            break
+        assert isinstance(clipper.tail_watch, tail_trial.TailWatch) and clipper.tail_watch.busy is None
+        clipper.tail_watch = _Asks()
+        clipper.end_of_backward()
+        assert isinstance(clipper.tail_trial, TailTrial) and clipper.tail_watch is None
+        assert clipper.tails is not None and not clipper.tails.active  # a new trial, starting without the graphs
+    # a decision that is not "GPU-bound" (measured slower, no CUDA) is not watched
+    clipper._retrials = 0
+    for reason in ("more than 1% slower", "no clip tail on a CUDA device"):
+        clipper.tail_trial = _Decided(False, reason)
+        clipper.end_of_backward()
+        assert clipper.tail_watch is None
+    clipper.tail_trial = _Decided(True, "as fast")
+    clipper.tails = tails.TailGraphs(active=True)
+    clipper.end_of_backward()
+    assert clipper.tail_watch is None and clipper.tails is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not callable(getattr(torch.cuda, "_sleep", None)),
+                    reason="needs CUDA (and its spin kernel)")
+@pytest.mark.parametrize("busy, asks", [(0.0, True), (1e4, False)])
+def test_watch_on_cuda_events(busy, asks):
+    """The watch's own marks and reads on a real GPU: passes that spin the GPU ~2 ms, one sync after each (so each
+    pass is read at the next pass's end); against an own work of 0 ms the GPU 'idles' all of it, against 10 s none."""
+    watch = tail_trial.TailWatch({"gpu_busy_ms": busy}, torch.device("cuda"))
+    asked = None
+    for i in range(1, 3 * tail_trial.WATCH_PASSES):
+        watch.begin_of_backward()
+        torch.cuda._sleep(int(2 * tail_trial.SPIN_CYCLES_PER_MS))
+        if watch.end_of_backward():
+            asked = i
+            break
+        torch.cuda.synchronize()
+    assert (asked is not None) is asks
+    if asks:
+        assert watch.report["window_ms"] > 0.5

@@ -17,7 +17,7 @@ from groupclip.capture.context import Use
 from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
-from groupclip.tail_trial import TailTrial
+from groupclip.tail_trial import MAX_RETRIALS, TailTrial, TailWatch
 from groupclip.tails import MODES as TAIL_MODES
 from groupclip.tails import TailGraphs
 
@@ -132,6 +132,9 @@ class Clipper:
         self.tails: TailGraphs | None = None if tail_graphs == "off" else TailGraphs(active=tail_graphs == "on")
         self.tail_trial: TailTrial | None = TailTrial(self.tails) if tail_graphs == "auto" else None
         self.tail_report: dict | None = None  # the trial's measurement, once decided
+        self.tail_watch: TailWatch | None = None  # after a "GPU-bound" decision: asks for a new trial if it changes
+        self._retrials = 0
+        self._retrial_reports: list[dict] = []  # why each new trial was started (the watch's reports)
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -292,19 +295,32 @@ class Clipper:
         """Called by the hub when a backward pass reaches its first use (the tail-graph trial times the pass)."""
         if self.tail_trial is not None:
             self.tail_trial.begin_of_backward()
+        elif self.tail_watch is not None:
+            self.tail_watch.begin_of_backward()
 
     def end_of_backward(self) -> None:
         """Called by the hub after each backward pass: advances the tail-graph trial, drops the graphs if it
-        decides against them."""
+        decides against them; after a "GPU-bound" decision, starts a new trial when the watch asks."""
         trial = self.tail_trial
         if trial is None:
+            watch = self.tail_watch
+            if watch is not None and watch.end_of_backward():
+                self._retrials += 1
+                self.tail_watch = None
+                self.tails = TailGraphs(active=False)
+                self.tail_trial = TailTrial(self.tails)
+                self._retrial_reports.append(watch.report)
             return
         keep = trial.end_of_backward()
         if keep is None:
             return
-        self.tail_trial, self.tail_report = None, trial.report
+        self.tail_trial = None
+        self.tail_report = {**trial.report, "retrials": list(self._retrial_reports)} if self._retrials else trial.report
         if not keep:
             self.tails = None  # the graphs and their memory pool go with it
+            if (trial.report["reason"].startswith("GPU-bound") and trial.device is not None
+                    and self._retrials < MAX_RETRIALS):
+                self.tail_watch = TailWatch(trial.report, trial.device)
 
     def _tail(self, k: int, u: Use, names: tuple[str, ...]) -> list[torch.Tensor]:
         """Norm, coefficient and the clipped sums of `names` (one use; each of its parameters used once)."""

@@ -34,6 +34,12 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    in the same session (`benchmarks/results/h100-2026-11-24-step-marks-b2b-trial.json`). The decision is logged
    (INFO) and kept for the engine's life.
 
+After a "GPU-bound" decision a `TailWatch` keeps timing the backward passes (two CUDA events a pass, read once the
+GPU has passed them, never waited for): the loop was judged from a few steps, and a host that slows down later makes
+a loop that was GPU-bound host-bound. Where, over `WATCH_PASSES` passes, the GPU now idles at least `MIN_GAIN` of a
+step in a backward pass (against the head-start probe's measure of its own work; where the probe did not run, where
+the host's share reaches `HOST_SHARE`), a new trial starts, at most `MAX_RETRIALS` times in an engine's life.
+
 A step's time is the GPU time between the ends of two consecutive backward passes (CUDA events on the stream of
 the gradients), i.e. the loop's real period whether the host or the GPU is the slower, per sample of the later
 pass. Marks are waited for when a decision is made. Nothing here changes what is computed: a replayed tail runs
@@ -60,6 +66,10 @@ MAX_ON_STEPS = 24
 MIN_GAIN = 0.03
 #: the graphs are dropped where steps with them are slower than this share (step 6)
 MAX_LOSS = 0.01
+#: backward passes a `TailWatch` looks at before it judges them
+WATCH_PASSES = 8
+#: new trials a watch may start in an engine's life
+MAX_RETRIALS = 2
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound: less host time cannot make it
 #: faster. H100 (`benchmarks/results/h100-2026-11-24.json`, the reports' "host_share"): host-bound ViT-base bf16
 #: 1.00-1.03; GPU-bound rows mostly 0.45-0.95, but up to 1.66 (GPT-2, ViT fp32): a host share near or above 1 does
@@ -279,4 +289,74 @@ class TailTrial:
     @staticmethod
     def _finished(mark) -> bool:
         """Whether the GPU has passed `mark` already."""
+        return mark.query()
+
+
+class TailWatch:
+    """After the trial left the graphs off as GPU-bound: asks for a new trial where the backward passes now leave the
+    GPU idle (see the module's docstring). `report`: the trial's; `device`: the gradients' device."""
+
+    def __init__(self, report: dict, device: torch.device) -> None:
+        self.busy = report.get("gpu_busy_ms")  # the GPU's own work in a backward pass (the probe), or None
+        self.device = device
+        self._begin: tuple[object, float] | None = None
+        self._pending: list[tuple[object, object, float]] = []  # (begin mark, end mark, host ms), not yet read
+        self._last_end = None  # end mark of the last pass read (for the period)
+        self.windows: list[float] = []  # GPU ms of the passes read since the last look
+        self.shares: list[float] = []  # their host ms / GPU ms
+        self.periods: list[float] = []  # GPU ms from one pass's end to the next one's
+        self.report: dict | None = None  # what made it ask, once it has
+
+    def begin_of_backward(self) -> None:
+        self._begin = None if capturing() else (self._mark(), self._clock())
+
+    def end_of_backward(self) -> bool:
+        """True: the passes now leave the GPU idle, time the graphs again."""
+        begin, self._begin = self._begin, None
+        if begin is None or capturing():
+            return False
+        self._pending.append((begin[0], self._mark(), (self._clock() - begin[1]) * 1e3))
+        while self._pending and self._finished(self._pending[0][1]):  # (events complete in stream order)
+            a, b, host = self._pending.pop(0)
+            window = self._elapsed_ms(a, b)
+            if window > 0:
+                self.windows.append(window)
+                self.shares.append(host / window)
+            if self._last_end is not None:
+                self.periods.append(self._elapsed_ms(self._last_end, b))
+            self._last_end = b
+        if len(self.windows) < WATCH_PASSES or not self.periods:
+            return False
+        window, share = statistics.median(self.windows), statistics.median(self.shares)
+        period = statistics.median(self.periods)
+        self.windows, self.shares, self.periods = [], [], []
+        if self.busy is not None:
+            idle = window - self.busy
+            if idle < MIN_GAIN * period:
+                return False
+            why = (f"the GPU now idles {idle:.3g} ms in a backward pass of {window:.3g} ms (its own work "
+                   f"{self.busy:.3g} ms) of a {period:.3g} ms step")
+        else:
+            if share < HOST_SHARE:
+                return False
+            why = f"a backward pass's host time is now {share:.0%} of its GPU time"
+        self.report = {"window_ms": window, "host_share": share, "step_ms": period, "reason": why}
+        log.info("groupclip: %s; timing the clip-tail graphs again", why)
+        return True
+
+    def _mark(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    @staticmethod
+    def _elapsed_ms(a, b) -> float:
+        return a.elapsed_time(b)
+
+    @staticmethod
+    def _clock() -> float:
+        return time.perf_counter()
+
+    @staticmethod
+    def _finished(mark) -> bool:
         return mark.query()
