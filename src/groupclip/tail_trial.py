@@ -17,9 +17,7 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    by enough). That the GPU never waited is checked at every clipped layer (`tick`): a mark recorded two layers
    earlier must still be ahead of the GPU (a spin shorter than the host's pass is fine as long as the launch queue
    stays full: the host then waits for the GPU, not the other way round). Where the GPU caught up with the host,
-   the measurement says nothing: it is tried once more with a spin twice as long, then skipped. Where the GPU did
-   not idle but the host enqueued the whole pass before the spin ended (unhindered by a full launch queue) and took
-   at least `EDGE_SHARE` of the GPU's own work for it, the loop is on the edge: the graphs are timed anyway;
+   the measurement says nothing: it is tried once more with a spin twice as long, then skipped;
 4. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
    and until a step captures nothing (after `MAX_ON_STEPS` steps that still capture, they are dropped);
 5. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
@@ -68,11 +66,6 @@ MAX_ON_STEPS = 24
 MIN_GAIN = 0.03
 #: the graphs are dropped where steps with them are slower than this share (step 6)
 MAX_LOSS = 0.01
-#: where the GPU does not idle in a backward pass, the graphs are still timed if the host's own work on the pass (its
-#: time to enqueue it during the head start, unhindered) is at least this share of the GPU's: a loop on the edge, which
-#: a slower host makes host-bound (ViT-base bf16 all-layer on an H100: the GPU busy 39.2 ms of a 38.9 ms pass at the
-#: trial, then steps of 58-175 ms, median 73, without the graphs; `h100-2026-11-24-step-marks-edge.json`)
-EDGE_SHARE = 0.75
 #: backward passes a `TailWatch` looks at before it judges them
 WATCH_PASSES = 8
 #: new trials a watch may start in an engine's life
@@ -112,7 +105,6 @@ class TailTrial:
         self._host_ms = 0.0  # the longest host time of a timed backward pass
         self._head_start_ms: float | None = None  # the next pass gets this head start (None: no probe due)
         self._probe = None  # the mark after the spin of this pass (None: no head start in it)
-        self._probe_host = 0.0  # the host clock when that pass's spin was launched
         self._ticks: list = []  # marks at the clipped layers of the pass with a head start, the spin's end first
         self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
         self._probes = 0
@@ -127,7 +119,6 @@ class TailTrial:
                 self._head_start(self._head_start_ms)
                 self._probe = self._mark()
                 self._ticks, self._caught_up = [self._probe], False
-                self._probe_host = self._clock()
             else:
                 self._begin = (self._mark(), self._clock())
 
@@ -182,8 +173,6 @@ class TailTrial:
     def _probed(self, after) -> bool | None:
         """End of a pass that began with a head start: off if the GPU idles too little in a backward pass."""
         end = self._mark()
-        host = (self._clock() - self._probe_host) * 1e3
-        spinning = self._spinning(after)  # the host enqueued the whole pass within the head start: unhindered
         ticks, self._ticks = self._ticks, []
         if self._caught_up or self._finished(ticks[-2] if len(ticks) >= 2 else after):
             # the GPU caught up with the host somewhere in the pass: it may have waited for it
@@ -199,25 +188,13 @@ class TailTrial:
         self._head_start_ms = None
         busy = self._elapsed_ms(after, end)
         idle = max(0.0, self._window_ms - busy)
-        self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms,
-                              "probe_host_ms": host if spinning else None}
+        self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms}
         if idle < MIN_GAIN * self._period_ms:
-            if spinning and host >= EDGE_SHARE * busy:
-                # the GPU did not wait in this pass, but the host's own work on it is about as long as the GPU's:
-                # a host a little slower makes it wait (a loop on the edge), so the graphs are timed after all
-                log.debug("groupclip: backward host work %.3g ms against the GPU's %.3g ms: trying the graphs", host,
-                          busy)
-                self._switch_on()
-                return None
             return self._decide(None, None, f"GPU-bound: the GPU idles {idle:.3g} ms in a backward pass of "
                                             f"{self._window_ms:.3g} ms (busy {busy:.3g}), less than "
                                             f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step")
         self._switch_on()
         return None
-
-    def _spinning(self, after) -> bool:
-        """Whether the head start's spin (ending at the mark `after`) is still running."""
-        return not self._finished(after)
 
     def _switch_on(self) -> None:
         self.tails.active = True
