@@ -463,7 +463,7 @@ def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_
         assert isinstance(clipper.tail_trial, TailTrial) and clipper.tail_watch is None
         assert clipper.tails is not None and not clipper.tails.active  # a new trial, starting without the graphs
     # a decision that is not "GPU-bound" (measured slower, no CUDA) is not watched
-    clipper._retrials = 0
+    clipper._retrial_reports.clear()
     for reason in ("more than 1% slower", "no clip tail on a CUDA device"):
         clipper.tail_trial = _Decided(False, reason)
         clipper.end_of_backward()

@@ -133,7 +133,6 @@ class Clipper:
         self.tail_trial: TailTrial | None = TailTrial(self.tails) if tail_graphs == "auto" else None
         self.tail_report: dict | None = None  # the trial's measurement, once decided
         self.tail_watch: TailWatch | None = None  # after a "GPU-bound" decision: asks for a new trial if it changes
-        self._retrials = 0
         self._retrial_reports: list[dict] = []  # why each new trial was started (the watch's reports)
 
     def __call__(self, k: int, uses: list[Use]) -> None:
@@ -305,7 +304,6 @@ class Clipper:
         if trial is None:
             watch = self.tail_watch
             if watch is not None and watch.end_of_backward():
-                self._retrials += 1
                 self.tail_watch = None
                 self.tails = TailGraphs(active=False)
                 self.tail_trial = TailTrial(self.tails)
@@ -315,11 +313,12 @@ class Clipper:
         if keep is None:
             return
         self.tail_trial = None
-        self.tail_report = {**trial.report, "retrials": list(self._retrial_reports)} if self._retrials else trial.report
+        retrials = self._retrial_reports
+        self.tail_report = {**trial.report, "retrials": list(retrials)} if retrials else trial.report
         if not keep:
             self.tails = None  # the graphs and their memory pool go with it
             if (trial.report["reason"].startswith("GPU-bound") and trial.device is not None
-                    and self._retrials < MAX_RETRIALS):
+                    and len(retrials) < MAX_RETRIALS):
                 self.tail_watch = TailWatch(trial.report, trial.device)
 
     def _tail(self, k: int, u: Use, names: tuple[str, ...]) -> list[torch.Tensor]:
