@@ -492,3 +492,19 @@ def test_watch_on_cuda_events(busy, asks):
     assert (asked is not None) is asks
     if asks:
         assert watch.report["window_ms"] > 0.5
+
+
+def test_watch_uses_the_trials_clock_and_completion_check():
+    """The watch's own helpers (the CUDA test above runs them on a GPU): the host clock, and a mark's completion asked
+    of the mark itself, without waiting."""
+
+    class Mark:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    watch = tail_trial.TailWatch({}, torch.device("cpu"))
+    assert 0 < watch._clock() <= tail_trial.time.perf_counter()
+    assert watch._finished(Mark(True)) is True and watch._finished(Mark(False)) is False
