@@ -91,7 +91,7 @@ class CaptureHub:
         self._callback_queued = False
         # (unit, trainable names) -> its CallPlan; the units, their parameters and the groups are fixed for the
         # hub's life, and which parameters are trainable is part of the key
-        self._plans: dict[tuple[Unit, tuple[str, ...]], CallPlan] = {}
+        self._plans: dict[Unit, dict[tuple[str, ...], CallPlan]] = {}  # unit -> its plans by trainable names
         self._warned_two_forwards = False
         self._root_open = False  # a forward of the model started and has not returned (yet, or ever: it raised)
         # a backward pass failed after clipping some groups into p.grad: until p.grad is cleared, a step would
@@ -236,16 +236,11 @@ class CaptureHub:
 
     def _plan(self, unit: Unit, items: tuple, plans: dict) -> CallPlan | None:
         """The plan of a call of `unit` with its parameters' current requires_grad (`items`: its parameters' (name,
-        parameter) pairs; `plans`: its plans by trainable names); None if none is trainable."""
+        parameter) pairs; `plans`: `self._plans[unit]`); None if none is trainable."""
         names = tuple([n for n, p in items if p.requires_grad])
         plan = plans.get(names)
-        if plan is None:
-            if not names:
-                return None
-            plan = self._plans.get((unit, names))
-            if plan is None:
-                plan = self._plans[(unit, names)] = self._make_plan(unit, names)
-            plans[names] = plan
+        if plan is None and names:
+            plan = plans[names] = self._make_plan(unit, names)
         return plan
 
     def _make_plan(self, unit: Unit, names: tuple[str, ...]) -> CallPlan:
@@ -264,7 +259,7 @@ class CaptureHub:
     def _make_forward(self, unit: Unit):
         orig = type(unit.module).forward.__get__(unit.module)
         hub = self
-        items, plans = tuple(unit.params.items()), {}  # (the closure's own: one plan lookup per call)
+        items, plans = tuple(unit.params.items()), self._plans.setdefault(unit, {})  # (one dict lookup per call)
         in_function = unit.rule.in_function
         grad_enabled, task_id = torch.is_grad_enabled, torch._C._current_graph_task_id
 

@@ -98,12 +98,14 @@ class LinearRule(WeightBiasRule):
             x, shared = LAST_INPUT.read(x, dt, weight)
             # cast the weight once here and keep that copy for the input gradient (autocast would cast it too);
             # the step's copies of every layer's weights are made in one batch (`StepCasts`)
-            if w.dtype != dt and w.dtype != torch.float64 and (b is None or b.dtype == w.dtype):
-                w, b = (w.to(dt), None if b is None else b.to(dt)) if casts is None else casts.pair(w, b, dt)
+            cast_w = w.dtype != dt and w.dtype != torch.float64
+            cast_b = b is not None and b.dtype != dt and b.dtype != torch.float64
+            if casts is not None and cast_w and cast_b and b.dtype == w.dtype:
+                w, b = casts.pair(w, b, dt)
             else:
-                if w.dtype != dt and w.dtype != torch.float64:
+                if cast_w:
                     w = w.to(dt) if casts is None else casts.get(w, dt)
-                if b is not None and b.dtype != dt and b.dtype != torch.float64:
+                if cast_b:
                     b = b.to(dt) if casts is None else casts.get(b, dt)
         else:
             x, shared = LAST_INPUT.read(x, None, weight)
