@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
+from groupclip import trees
 from groupclip.rules import EngineError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class GraphedBackward:
         self.guard = guard
         self.eager_calls = 0  # calls that could not replay the graph (different shapes or arguments)
         self._warned = False
-        leaves, self._spec = tree_flatten(tuple(example))
+        leaves, self._spec = trees.flatten(tuple(example))
         self._slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         self._consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
         self._meta = [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in self._slots]
@@ -194,7 +195,7 @@ class GraphedBackward:
         if _autocast_state() != self._autocast:
             raise EngineError("graphed_backward: autocast differs from capture time; put the autocast context "
                               "inside loss_fn so the graph captures it")
-        leaves, spec = tree_flatten(tuple(args))
+        leaves, spec = trees.flatten(tuple(args))
         reason, b = self._plan(leaves, spec)
         if reason is not None:
             return self._eager(args, reason)

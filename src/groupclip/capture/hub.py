@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
+from groupclip import trees
 from groupclip.capture.casts import CastPlan, StepCasts, cast_sources
 from groupclip.capture.context import CallPlan, ChildOutputs, StepState, Use
 from groupclip.capture.functions import Tap, apply_layer
@@ -35,7 +36,7 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     first) would make layers treat the whole batch as one sample; one guessed too large only makes shapes
     disagree, which fails loudly.
     """
-    sizes = [int(v.shape[0]) for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor) and v.dim()]
+    sizes = [int(v.shape[0]) for v in trees.leaves((args, kwargs)) if isinstance(v, torch.Tensor) and v.dim()]
     return max(sizes) if sizes else None
 
 
@@ -293,7 +294,7 @@ class CaptureHub:
 
     def _generic_forward(self, orig, plan: CallPlan, st: StepState, args, kwargs):
         unit, names = plan.unit, plan.names
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = trees.flatten((args, kwargs))
         facts = unit.rule.forward_facts(unit.module, args, kwargs)
         # children's outputs are recorded only for a per-sample re-run
         rec = ChildOutputs(unit, leaves) if facts is None and ChildOutputs.wanted(st) else None
@@ -308,7 +309,7 @@ class CaptureHub:
         slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         saved = [leaves[i] for i in slots]
         kept = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        out_leaves, out_spec = tree_flatten(out)
+        out_leaves, out_spec = trees.flatten(out)
         out_slots = [
             i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor) and v.is_floating_point()
         ]

@@ -13,8 +13,9 @@ import contextlib
 
 import torch
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
+from groupclip import trees
 from groupclip.capture.context import Use
 from groupclip.rules.base import EngineError, Rule, coef_sum, sq_norms
 
@@ -85,7 +86,7 @@ class GenericRule(Rule):
                 return hit[1]
 
             with bypass(replay if recorded else None):
-                out_leaves, _ = tree_flatten(functional_call(module, {**fixed, **params}, a, k))
+                out_leaves = trees.leaves(functional_call(module, {**fixed, **params}, a, k))
             total = 0.0
             for slot, g in zip(out_slots, grads, strict=True):
                 if g is None:
