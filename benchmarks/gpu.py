@@ -271,6 +271,9 @@ def tail_state(s: Setup) -> dict:
                            "on" if clipper.tails is not None and clipper.tails.active else "off")}
     if clipper.tail_report is not None:
         out["tail_trial"] = clipper.tail_report
+    if clipper.tails is not None:
+        out["tail_counts"] = {"captures": clipper.tails.captures, "replays": clipper.tails.replays,
+                              "held": clipper.tails.held}
     return out
 
 

@@ -508,3 +508,65 @@ def test_watch_uses_the_trials_clock_and_completion_check():
     watch = tail_trial.TailWatch({}, torch.device("cpu"))
     assert 0 < watch._clock() <= tail_trial.time.perf_counter()
     assert watch._finished(Mark(True)) is True and watch._finished(Mark(False)) is False
+
+
+class _Counts:  # what CaptureChurn reads of TailGraphs
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def run_pass(self, captured, replayed):
+        self.captures += captured
+        self.replays += replayed + captured  # a capture replays its new graph once
+
+
+def test_churn_leaves_graphs_that_settle_or_churn_in_a_few_layers():
+    counts = _Counts()
+    churn = tail_trial.CaptureChurn(counts)
+    # a loop settling after a change of batch size, then one layer of 70 that keeps capturing
+    passes = [(70, 0), (35, 35), (0, 70)] * 3 + [(1, 69)] * 20
+    for captured, replayed in passes:
+        counts.run_pass(captured, replayed)
+        assert churn.end_of_backward() is False
+    assert churn.report is None
+
+
+def test_churn_drops_graphs_captured_anew_pass_after_pass():
+    counts = _Counts()
+    churn = tail_trial.CaptureChurn(counts)
+    counts.run_pass(0, 70)
+    assert churn.end_of_backward() is False
+    for i in range(tail_trial.CHURN_PASSES):
+        counts.run_pass(20, 50)  # 20 of 70 captured: more than a quarter of the replays
+        assert churn.end_of_backward() is (i == tail_trial.CHURN_PASSES - 1)
+    assert "new addresses" in churn.report["dropped"]
+    # a pass that replays (almost) everything breaks the run
+    churn = tail_trial.CaptureChurn(counts)
+    for captured, replayed in [(20, 50)] * (tail_trial.CHURN_PASSES - 1) + [(2, 68)] + [(20, 50)] * 2:
+        counts.run_pass(captured, replayed)
+        assert churn.end_of_backward() is False
+
+
+def test_clipper_drops_kept_graphs_that_churn(monkeypatch):
+    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not private")
+        eng = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0, seed=0)
+    clipper = eng.clipper
+    clipper.tail_trial = _Decided(True, "faster")
+    clipper.tails = tails.TailGraphs(active=True)
+    clipper.end_of_backward()
+    assert isinstance(clipper.tail_churn, tail_trial.CaptureChurn) and clipper.tails is not None
+    graphs = clipper.tails
+    for i in range(tail_trial.CHURN_PASSES):
+        graphs.captures += 2
+        graphs.replays += 2
+        clipper.end_of_backward()
+        assert (clipper.tails is None) is (i == tail_trial.CHURN_PASSES - 1)
+    assert clipper.tail_churn is None and clipper.tail_report["kept"] is True
+    assert "new addresses" in clipper.tail_report["dropped"]
+    # dropped: eager from now on, and stays so
+    x = torch.randn(4, 6)
+    model(x).sum().backward()
+    assert clipper.tails is None and clipper.tail_trial is None

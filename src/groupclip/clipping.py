@@ -17,7 +17,7 @@ from groupclip.capture.context import Use
 from groupclip.kernels import clip_coef, clip_factor
 from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
-from groupclip.tail_trial import MAX_RETRIALS, TailTrial, TailWatch
+from groupclip.tail_trial import MAX_RETRIALS, CaptureChurn, TailTrial, TailWatch
 from groupclip.tails import MODES as TAIL_MODES
 from groupclip.tails import TailGraphs
 
@@ -134,6 +134,7 @@ class Clipper:
         self.tail_report: dict | None = None  # the trial's measurement, once decided
         self.tail_watch: TailWatch | None = None  # after a "GPU-bound" decision: asks for a new trial if it changes
         self._retrial_reports: list[dict] = []  # why each new trial was started (the watch's reports)
+        self.tail_churn: CaptureChurn | None = None  # after a decision to keep them: drops graphs captured anew
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -302,6 +303,10 @@ class Clipper:
         decides against them; after a "GPU-bound" decision, starts a new trial when the watch asks."""
         trial = self.tail_trial
         if trial is None:
+            churn = self.tail_churn
+            if churn is not None and churn.end_of_backward():
+                self.tail_churn = self.tails = None  # the graphs and their memory pool go with it
+                self.tail_report = {**self.tail_report, **churn.report}
             watch = self.tail_watch
             if watch is not None and watch.end_of_backward():
                 self.tail_watch = None
@@ -315,7 +320,9 @@ class Clipper:
         self.tail_trial = None
         retrials = self._retrial_reports
         self.tail_report = {**trial.report, "retrials": list(retrials)} if retrials else trial.report
-        if not keep:
+        if keep:
+            self.tail_churn = CaptureChurn(self.tails)
+        else:
             self.tails = None  # the graphs and their memory pool go with it
             if (trial.report["reason"].startswith("GPU-bound") and trial.device is not None
                     and len(retrials) < MAX_RETRIALS):

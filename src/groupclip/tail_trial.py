@@ -40,6 +40,11 @@ a loop that was GPU-bound host-bound. Where, over `WATCH_PASSES` passes, the GPU
 step in a backward pass (against the head-start probe's measure of its own work; where the probe did not run, where
 the host's share reaches `HOST_SHARE`), a new trial starts, at most `MAX_RETRIALS` times in an engine's life.
 
+After a decision to keep them, `CaptureChurn` drops the graphs where they keep being captured anew: `CHURN_PASSES`
+backward passes in a row in which at least a quarter of the tails that went to a graph were captured rather than
+replayed (the tensors they read come back at new addresses each pass: another model's steps in between, a batch
+shape that changes every step), so that the loop pays captures and gains no replays.
+
 A step's time is the GPU time between the ends of two consecutive backward passes (CUDA events on the stream of
 the gradients), i.e. the loop's real period whether the host or the GPU is the slower, per sample of the later
 pass. Marks are waited for when a decision is made. Nothing here changes what is computed: a replayed tail runs
@@ -70,6 +75,9 @@ MAX_LOSS = 0.01
 WATCH_PASSES = 8
 #: new trials a watch may start in an engine's life
 MAX_RETRIALS = 2
+#: backward passes in a row that captured more than they replayed (a quarter of their graphed tails or more) before
+#: kept graphs are dropped (`CaptureChurn`); a loop settling after a change of batch size captures for one or two
+CHURN_PASSES = 4
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound: less host time cannot make it
 #: faster. H100 (`benchmarks/results/h100-2026-11-24.json`, the reports' "host_share"): host-bound ViT-base bf16
 #: 1.00-1.03; GPU-bound rows mostly 0.45-0.95, but up to 1.66 (GPT-2, ViT fp32): a host share near or above 1 does
@@ -351,3 +359,29 @@ class TailWatch:
     @staticmethod
     def _elapsed_ms(a, b) -> float:  # (both marks passed already: no wait)
         return a.elapsed_time(b)
+
+
+class CaptureChurn:
+    """After a decision to keep the graphs: whether they keep being captured anew pass after pass (see the module's
+    docstring). `end_of_backward` returns True when they should be dropped; `report` then says why."""
+
+    def __init__(self, tails: TailGraphs) -> None:
+        self.tails = tails
+        self._last = (tails.captures, tails.replays)
+        self._run = 0
+        self.report: dict | None = None
+
+    def end_of_backward(self) -> bool:
+        captures, replays = self.tails.captures, self.tails.replays
+        new, replayed = captures - self._last[0], replays - self._last[1]
+        self._last = (captures, replays)
+        # (a capture replays its graph once: those replays are not reuse)
+        churn = new > 0 and 4 * new >= replayed
+        self._run = self._run + 1 if churn else 0
+        if self._run < CHURN_PASSES:
+            return False
+        self.report = {"dropped": f"{CHURN_PASSES} backward passes in a row captured new clip-tail graphs (a "
+                                  f"quarter or more of their graphed tails): the tensors they read keep coming back "
+                                  f"at new addresses", "captures": captures, "replays": replays}
+        log.info("groupclip: clip-tail graphs dropped: %s", self.report["dropped"])
+        return True
