@@ -11,8 +11,7 @@ runs them; per-step times from CUDA events at each step's start, idle GPU time i
 Phases (comma separated with --phases): check (clipped gradient vs a float64 one-sample-at-a-time oracle on a small
 model, on the GPU), kernels (the fused Triton kernels vs float64, and timed against the PyTorch operations they
 replace), ops (the row scaling, coefficient sums and shared-input ghost kernel against what they replaced),
-pyprofile (cProfile of a few steps), time (throughput and peak memory), paired (non-private and groupclip's
-eager modes alternated step by step, so that all see the same host: `time_paired`), maxbatch (largest batch that
+pyprofile (cProfile of a few steps), time (throughput and peak memory), maxbatch (largest batch that
 fits, searched for each mode of --modes but Opacus's, graphed ones included; each search in a fresh process).
 
 Each timed row also records `host_probe_ms` (before its timed steps) and `host_probe_after_ms`: the time of a fixed
@@ -54,8 +53,6 @@ TRIAL_CAP = 40  # warm-up steps a groupclip mode may add while its tail-graph tr
 TAILS = "-tails"  # suffix: the eager loop with each layer's clip tail replayed from a CUDA graph (groupclip.tails)
 MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "groupclip-layer-wise-tails", "opacus-hooks",
          "opacus-ghost", "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
-# the modes the paired phase alternates (the eager ones whose host time can decide a synchronised step)
-PAIRED_MODES = ["nonprivate", "groupclip-layer-wise", "groupclip-all-layer"]
 # the modes the largest-batch search takes (not yet the tail-graph mode)
 MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus") and not m.endswith(TAILS)]
 PRECISIONS = ["fp32", "bf16"]
@@ -262,6 +259,22 @@ def host_probe_ms() -> float:
     return best * 1e3
 
 
+def pin_to_fastest_core(probes: int = 6) -> dict:
+    """Pin this process to the allowed CPU core whose `host_probe_ms` median is lowest, and report every core's.
+
+    On the lent H100 machine the probe runs in ~2.7 ms on some cores and ~5.5 ms on others (some switch between the
+    two within a second: `benchmarks/results/h100-2026-11-25-cores.json`); unpinned, a process mostly ran at the
+    slow speed. Every configuration of the run is then timed on that one core."""
+    cores = sorted(os.sched_getaffinity(0))
+    by_core = {}
+    for c in cores:
+        os.sched_setaffinity(0, {c})
+        by_core[c] = statistics.median(host_probe_ms() for _ in range(probes))
+    best = min(by_core, key=by_core.get)
+    os.sched_setaffinity(0, {best})
+    return {"core": best, "probe_ms_by_core": {str(c): round(v, 3) for c, v in by_core.items()}}
+
+
 def tail_state(s: Setup) -> dict:
     """groupclip's clip-tail graph state of a setup: on, off or still on trial, and the trial's report."""
     clipper = s.engine.clipper if s.engine is not None else None
@@ -329,51 +342,6 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             s.close()
         del s
     row["left_gib"] = left_behind(f"{workload} {precision} {mode}")
-    return row
-
-
-def time_paired(workload, precision, modes, steps) -> dict:
-    """The modes' synchronised steps alternated: each cycle runs one step of every mode (the order reversed every
-    other cycle), all models resident, so that every mode is timed under the same host conditions. (Timed one
-    configuration after another, a mode that happens to run while the lent host is slow is host-bound where the
-    others were not; `host_probe_ms` shows it.) Per mode: the median step and its ratio to non-private's, and the
-    median over cycles of the per-cycle ratio. Peak memory is not measured here (all models are resident)."""
-    reset()
-    row = {"workload": workload, "precision": precision, "steps": steps}
-    setups = {}
-    try:
-        for m in modes:
-            setups[m] = warm_setup(workload, m, precision, sync_steps=True)
-        times = {m: [] for m in modes}
-        probes = []
-        for k in range(steps):
-            probes.append(host_probe_ms())
-            for m in (modes if k % 2 == 0 else modes[::-1]):
-                s, x, y = setups[m]
-                sync()
-                t0 = time.perf_counter()
-                s.step(x, y)
-                sync()
-                times[m].append(time.perf_counter() - t0)
-        base = times.get("nonprivate")
-        rows = {}
-        for m in modes:
-            s = setups[m][0]
-            med = statistics.median(times[m])
-            r = {"step_s": med, "samples_per_s": s.batch / med, "step_s_all": times[m], **tail_state(s)}
-            if base is not None:
-                r["x_nonprivate"] = statistics.median(base) / med
-                r["x_nonprivate_per_cycle"] = statistics.median(b / t for b, t in zip(base, times[m], strict=True))
-            rows[m] = r
-        row.update(modes=rows, host_probe_ms=probes)
-    except Exception as e:  # record failures as findings
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        traceback.print_exc(limit=4)
-    finally:
-        for s, _, _ in setups.values():
-            s.close()
-        setups.clear()
-    row["left_gib"] = left_behind(f"{workload} {precision} paired")
     return row
 
 
@@ -1010,7 +978,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--paired-steps", type=int, default=20, help="cycles of the paired phase (one step per mode each)")
+    ap.add_argument("--pin-core", choices=("none", "fastest"), default="none",
+                    help="fastest: pin the process to the CPU core where a pure-Python probe runs fastest")
     ap.add_argument("--append", action="store_true",
                     help="keep the phases already in --out (from an earlier run) and add this run's")
     ap.add_argument("--profile-out", default="profile.txt", help="where the profile phase writes its tables")
@@ -1030,6 +999,7 @@ def main():
             w.update(small=True, batch=4, seq=16 if w["seq"] else 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    pinned = pin_to_fastest_core() if args.pin_core == "fastest" else None
     if args.maxbatch_one is not None:  # the child process of max_batch_isolated: one search, its row last on stdout
         w, prec, m = args.maxbatch_one.split(",")
         print(json.dumps(max_batch_row(w, m, prec)), flush=True)
@@ -1058,7 +1028,7 @@ def main():
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "tiny": args.tiny,
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "tf32": True,
-                     **({"paired_steps": args.paired_steps} if "paired" in phases else {}),
+                     **({"cpu_affinity": pinned} if pinned is not None else {}),
                      "optimizer": "AdamW", "clipping": "automatic", "noise_multiplier": 1.0,
                      "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                      **({"maxbatch_timeout_s": args.maxbatch_timeout} if "maxbatch" in phases else {})},
@@ -1103,22 +1073,6 @@ def main():
                         log(json.dumps({k: v for k, v in r.items() if not k.endswith("_all")}))
                         result["time"] = rows
                         save()
-    if "paired" in phases:
-        # with --append: the earlier run's rows stay, except those this run measures again
-        rows = [r for r in result.get("paired", []) if (r["workload"], r["precision"]) not in
-                {(w, p) for w in workloads for p in precisions}]
-        paired_modes = [m for m in modes if m in PAIRED_MODES] or PAIRED_MODES
-        if "nonprivate" not in paired_modes:
-            paired_modes.insert(0, "nonprivate")
-        for rnd in range(args.rounds):
-            for w in workloads:
-                for prec in precisions:
-                    r = time_paired(w, prec, paired_modes, args.paired_steps)
-                    r["round"] = rnd
-                    rows.append(r)
-                    log(json.dumps({k: v for k, v in r.items() if k != "modes"}))
-                    result["paired"] = rows
-                    save()
     if "profile" in phases:
         for w in workloads:
             for prec in precisions:
@@ -1176,16 +1130,6 @@ def summary(result) -> str:
                and "samples_per_s_b2b" in r else float("nan"))
         lines.append(f"{r['workload']:10s} {r['precision']:5s} {r['mode']:22s} {r['round']:3d} "
                      f"{r['samples_per_s']:10.1f} {sp:8.3f} {r['peak_mem_gib']:9.2f} {mem:6.3f} {b2b:11.3f}")
-    for r in result.get("paired", []):
-        if "error" in r:
-            lines.append(f"paired {r['workload']:10s} {r['precision']:5s} {r['round']:3d} ERROR {r['error'][:70]}")
-            continue
-        probe = statistics.median(r["host_probe_ms"])
-        for m, x in r["modes"].items():
-            if m != "nonprivate":
-                lines.append(f"paired {r['workload']:10s} {r['precision']:5s} {m:22s} {r['round']:3d} "
-                             f"x speed {x['x_nonprivate']:.3f} (per cycle {x['x_nonprivate_per_cycle']:.3f}) "
-                             f"host probe {probe:.2f} ms")
     for r in result.get("maxbatch", []):
         found = r.get("max_batch", r.get("error", ""))
         if "stopped" in r:

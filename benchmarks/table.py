@@ -7,18 +7,12 @@ for a graphed mode, also to nonprivate-graph's ("× graph"); "search stopped" = 
 of memory ended that search (the batch is the largest that fitted before it). Files from before the graphed
 modes were searched show "–" there. "Back to back": the steps timed without a sync between them (files from before
 that measurement show "–").
-
-A second table follows where the file has the paired phase: non-private and groupclip's eager modes alternated step
-by step (all models resident, so every mode is timed under the same host conditions), each round's ratio of median
-steps, the median of the per-cycle ratios, and the host probe (a fixed pure-Python workload, ms: higher = slower
-host) over the round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import defaultdict
 
 
@@ -63,32 +57,6 @@ def table(result: dict) -> str:
         gratio = " / ".join(f"{x[4]:.2f}" for x in c) if all(x[4] is not None for x in c) else "–"
         b2b = " / ".join(f"{x[5]:.2f}" for x in c) if all(x[5] is not None for x in c) else "–"
         out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {b2b} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
-    paired = paired_table(result)
-    return "\n".join(out) + ("\n\n" + paired if paired else "")
-
-
-def paired_table(result: dict) -> str:
-    """The paired phase's rows: one line per (workload, precision, groupclip mode), both rounds."""
-    cells: dict[tuple, list] = defaultdict(list)
-    for r in result.get("paired", []):
-        if "error" in r:
-            cells[(r["workload"], r["precision"], "error")].append(r["error"][:60])
-            continue
-        probe = statistics.median(r["host_probe_ms"])
-        for m, x in r["modes"].items():
-            if m != "nonprivate":
-                cells[(r["workload"], r["precision"], m)].append((x["x_nonprivate"], x["x_nonprivate_per_cycle"],
-                                                                  probe))
-    if not cells:
-        return ""
-    out = ["| workload | precision | mode | × non-private, paired steps (round 1 / 2) | median per-cycle ratio "
-           "| host probe ms |", "|---|---|---|---|---|---|"]
-    for (w, p, m), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2]))):
-        if m == "error":
-            out.append(f"| {w} | {p} | error: {c[0]} | | | |")
-            continue
-        out.append(f"| {w} | {p} | {m} | {' / '.join(f'{x[0]:.3f}' for x in c)} | "
-                   f"{' / '.join(f'{x[1]:.3f}' for x in c)} | {' / '.join(f'{x[2]:.2f}' for x in c)} |")
     return "\n".join(out)
 
 
