@@ -1,6 +1,6 @@
 """Markdown table from a `benchmarks/gpu.py` result file (both timing rounds, ratios to non-private).
 
-    python benchmarks/table.py benchmarks/results/h100-2026-11-24.json
+    python benchmarks/table.py benchmarks/results/h100-2026-11-25.json
 
 Largest batch: "≥" = the search's cap fitted; in parentheses the ratio to eager non-private's largest batch and,
 for a graphed mode, also to nonprivate-graph's ("× graph"); "search stopped" = an error other than running out
