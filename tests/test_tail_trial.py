@@ -440,14 +440,19 @@ class _Asks:
         return True
 
 
-def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_retrials_times(monkeypatch):
+def _engine(monkeypatch):
+    """A small CPU model under an engine with the default tail_graphs ("auto")."""
     monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not private")
-        eng = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0, seed=0)
-    clipper = eng.clipper
+        return model, groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0,
+                                              seed=0)
+
+
+def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_retrials_times(monkeypatch):
+    clipper = _engine(monkeypatch)[1].clipper
     for attempt in range(tail_trial.MAX_RETRIALS + 1):
         clipper.tail_trial = _Decided(False, "GPU-bound: a backward pass's host time is 80% of its GPU time")
         clipper.end_of_backward()
@@ -547,12 +552,7 @@ def test_churn_drops_graphs_captured_anew_pass_after_pass():
 
 
 def test_clipper_drops_kept_graphs_that_churn(monkeypatch):
-    monkeypatch.delenv("GROUPCLIP_TAIL_GRAPHS", raising=False)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not private")
-        eng = groupclip.PrivacyEngine(model, opt, batch_size=4, sample_size=400, noise_multiplier=0.0, seed=0)
+    model, eng = _engine(monkeypatch)
     clipper = eng.clipper
     clipper.tail_trial = _Decided(True, "faster")
     clipper.tails = tails.TailGraphs(active=True)
