@@ -75,8 +75,8 @@ MAX_LOSS = 0.01
 WATCH_PASSES = 8
 #: new trials a watch may start in an engine's life
 MAX_RETRIALS = 2
-#: backward passes in a row that captured more than they replayed (a quarter of their graphed tails or more) before
-#: kept graphs are dropped (`CaptureChurn`); a loop settling after a change of batch size captures for one or two
+#: backward passes in a row that captured a quarter or more of their graphed tails anew before kept graphs are
+#: dropped (`CaptureChurn`); a loop settling after a change of batch size captures for one or two
 CHURN_PASSES = 4
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound: less host time cannot make it
 #: faster. H100 (`benchmarks/results/h100-2026-11-24.json`, the reports' "host_share"): host-bound ViT-base bf16

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch.utils._pytree as _pytree
 
-_HELPERS = all(hasattr(_pytree, n) for n in ("tree_is_leaf", "_get_node_type", "SUPPORTED_NODES", "TreeSpec",
-                                             "tree_iter"))
 _LEAF = getattr(_pytree, "_LEAF_SPEC", None)
 if _LEAF is None and hasattr(_pytree, "LeafSpec"):
     _LEAF = _pytree.LeafSpec()
-_HELPERS = _HELPERS and _LEAF is not None
+#: PyTorch's private helpers `flatten` builds on are all there (otherwise PyTorch's own flatten, with its cycle)
+_HELPERS = _LEAF is not None and all(hasattr(_pytree, n) for n in ("tree_is_leaf", "_get_node_type",
+                                                                    "SUPPORTED_NODES", "TreeSpec"))
 
 
 def _spec(node: Any, leaves: list) -> Any:
@@ -41,6 +41,6 @@ def flatten(tree: Any) -> tuple[list, Any]:
 
 def leaves(tree: Any) -> list:
     """The leaves of `tree` in `flatten`'s order (a generator underneath: no cycle)."""
-    if not _HELPERS:
-        return _pytree.tree_flatten(tree)[0]
+    if not hasattr(_pytree, "tree_iter"):
+        return flatten(tree)[0]
     return list(_pytree.tree_iter(tree))
