@@ -259,20 +259,22 @@ def host_probe_ms() -> float:
     return best * 1e3
 
 
-def pin_to_fastest_core(probes: int = 6) -> dict:
-    """Pin this process to the allowed CPU core whose `host_probe_ms` median is lowest, and report every core's.
+def pin_to_core(which: str = "fastest", probes: int = 6) -> dict:
+    """Pin this process to the allowed CPU core whose `host_probe_ms` median is lowest ("fastest") or highest
+    ("slowest"), and report every core's.
 
     On the lent H100 machine the probe runs in ~2.7 ms on some cores and ~5.5 ms on others (some switch between the
     two within a second: `benchmarks/results/h100-2026-11-25-cores.json`); unpinned, a process mostly ran at the
-    slow speed. Every configuration of the run is then timed on that one core."""
+    slow speed. Every configuration of the run is then timed on that one core: "slowest" shows what a slow host
+    costs each mode."""
     cores = sorted(os.sched_getaffinity(0))
     by_core = {}
     for c in cores:
         os.sched_setaffinity(0, {c})
         by_core[c] = statistics.median(host_probe_ms() for _ in range(probes))
-    best = min(by_core, key=by_core.get)
-    os.sched_setaffinity(0, {best})
-    return {"core": best, "probe_ms_by_core": {str(c): round(v, 3) for c, v in by_core.items()}}
+    pick = (max if which == "slowest" else min)(by_core, key=by_core.get)
+    os.sched_setaffinity(0, {pick})
+    return {"core": pick, "which": which, "probe_ms_by_core": {str(c): round(v, 3) for c, v in by_core.items()}}
 
 
 def tail_state(s: Setup) -> dict:
@@ -323,6 +325,16 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         # may prepare step i+1 while the GPU runs step i. Per-step times from CUDA events recorded on the
         # stream at each step's start (GPU timeline, idle gaps included); one sync at the end
         if DEV == "cuda":
+            # warmed up back to back as well: groupclip's tail watch may start a new trial of its clip-tail graphs
+            # when the loop's timing changes (h100-2026-11-25-vit-slowest-core.json: all-layer's graphs were off
+            # after the synchronised steps, and its back-to-back window ran 70-140 ms steps while a new trial and
+            # its captures ran); wait until it has settled, as for the synchronised steps (at most TRIAL_CAP)
+            j = 0
+            while j < warmup or (s.trial_pending() and j < warmup + TRIAL_CAP):
+                s.step(*batches[j % 2])
+                j += 1
+            row["warmup_steps_b2b"] = j
+            row.update({k + "_b2b": v for k, v in tail_state(s).items()})
             events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
             sync()
             for i in range(steps):
@@ -978,8 +990,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--pin-core", choices=("none", "fastest"), default="none",
-                    help="fastest: pin the process to the CPU core where a pure-Python probe runs fastest")
+    ap.add_argument("--pin-core", choices=("none", "fastest", "slowest"), default="none",
+                    help="pin the process to the CPU core where a pure-Python probe runs fastest (or slowest)")
     ap.add_argument("--append", action="store_true",
                     help="keep the phases already in --out (from an earlier run) and add this run's")
     ap.add_argument("--profile-out", default="profile.txt", help="where the profile phase writes its tables")
@@ -999,7 +1011,7 @@ def main():
             w.update(small=True, batch=4, seq=16 if w["seq"] else 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    pinned = pin_to_fastest_core() if args.pin_core == "fastest" else None
+    pinned = pin_to_core(args.pin_core) if args.pin_core != "none" else None
     if args.maxbatch_one is not None:  # the child process of max_batch_isolated: one search, its row last on stdout
         w, prec, m = args.maxbatch_one.split(",")
         print(json.dumps(max_batch_row(w, m, prec)), flush=True)

@@ -53,8 +53,9 @@ def test_gpu_benchmark_tiny_run_and_table(tmp_path):
         assert " / " in line.split(" | ")[3]  # both rounds' samples/s
 
 
-def test_pin_to_fastest_core():
-    """`gpu.py --pin-core fastest`: every allowed core probed, the process left on the one with the lowest median."""
+def test_pin_to_core():
+    """`gpu.py --pin-core fastest|slowest`: every allowed core probed, the process left on the one with the lowest
+    (highest) median."""
     import pytest
 
     if not hasattr(os, "sched_setaffinity"):
@@ -64,11 +65,13 @@ def test_pin_to_fastest_core():
 
     before = os.sched_getaffinity(0)
     try:
-        got = gpu.pin_to_fastest_core(probes=2)
-        by_core = got["probe_ms_by_core"]
-        assert set(by_core) == {str(c) for c in before}
-        assert by_core[str(got["core"])] == min(by_core.values())
-        assert os.sched_getaffinity(0) == {got["core"]}
+        for which, pick in (("fastest", min), ("slowest", max)):
+            got = gpu.pin_to_core(which, probes=2)
+            by_core = got["probe_ms_by_core"]
+            assert set(by_core) == {str(c) for c in before} and got["which"] == which
+            assert by_core[str(got["core"])] == pick(by_core.values())
+            assert os.sched_getaffinity(0) == {got["core"]}
+            os.sched_setaffinity(0, before)
     finally:
         os.sched_setaffinity(0, before)
 

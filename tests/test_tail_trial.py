@@ -66,11 +66,13 @@ class _Trial(TailTrial):
         return b - a
 
 
-def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0, busy=0.5):
+def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0, busy=0.5,
+         own=None):
     """Backward passes until the trial decides: (decision, passes, tails.active during each pass). Each pass takes
     step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound), of which the GPU works
-    `busy` (a share) and idles the rest; a pass with a head start takes only the GPU's work after it. `batch` and
-    `captures`: numbers or functions of (with graphs, i)."""
+    `busy` (a share) and idles the rest; a pass with a head start takes only the GPU's work after it, and `own` (a
+    share of step_ms; default host_share) of host time: the host's own work, no longer waiting for the GPU. `batch`
+    and `captures`: numbers or functions of (with graphs, i)."""
     active = []
     for i in range(1, limit + 1):
         on = trial.tails.active
@@ -78,8 +80,9 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, 
         spins = len(trial.spins)
         trial.begin_of_backward()
         ms = step_ms(on, i)
-        trial.now += busy * ms if len(trial.spins) > spins else ms
-        trial.host += host_share * ms
+        probe = len(trial.spins) > spins
+        trial.now += busy * ms if probe else ms
+        trial.host += (host_share if own is None or not probe else own) * ms
         for _ in range(4):  # four clipped layers
             trial.saw(_Use(batch(on, i) if callable(batch) else batch))
         if on:
@@ -168,21 +171,42 @@ def test_as_fast_with_them_keeps_them(with_them):
 
 def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
     trial = _Trial(_Tails())
-    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.6)
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.45)
     assert keep is False and passes == _timed_passes() and not any(active) and not trial.tails.active
-    assert "GPU-bound" in trial.report["reason"] and "60%" in trial.report["reason"]
+    assert "GPU-bound" in trial.report["reason"] and "45%" in trial.report["reason"]
     assert trial.report["ms_per_sample_with"] is None and not trial.spins
 
 
-def test_host_bound_backward_with_a_busy_gpu_decides_off_after_the_head_start():
-    # the host takes as long as the GPU's window, but the GPU works 99% of it: graphs could save at most 1% of a step
+def test_a_host_share_of_half_or_more_goes_to_the_head_start():
+    # 70% of the GPU's time: not GPU-bound by the margin of step 2 (a host at half speed would take 140%), so the
+    # head start measures; the host's own work then (30%) leaves the margin: off after it
     trial = _Trial(_Tails())
-    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.7, busy=0.99, own=0.3)
+    assert keep is False and len(trial.spins) == 1 and passes == _off_passes()
+    assert trial.report["host_share"] == pytest.approx(0.7)
+
+
+def test_host_bound_backward_with_a_busy_gpu_decides_off_after_the_head_start():
+    # the host takes as long as the GPU's window (it waits for a full launch queue), but the GPU works 99% of it and
+    # the host's own work is 30% of the GPU's: graphs could save at most 1% of a step, a host at half speed keeps up
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=0.3)
     assert keep is False and passes == _off_passes() and not any(active) and not trial.tails.active
     assert trial.spins == [pytest.approx(tail_trial.HEAD_START_FACTOR * 100.0 + tail_trial.HEAD_START_MS)]
-    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
+    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0) and trial.report["host_own_ms"] == pytest.approx(30.0)
     assert trial.report["backward_gpu_ms"] == pytest.approx(100.0) and trial.report["step_ms"] == pytest.approx(100.0)
-    assert "idles 1 ms" in trial.report["reason"]
+    assert "idles 1 ms" in trial.report["reason"] and "30 ms" in trial.report["reason"]
+
+
+@pytest.mark.parametrize("own", [0.5, 0.9, 1.0])
+def test_a_gpu_bound_pass_whose_host_work_leaves_no_margin_tries_the_graphs(own):
+    """The GPU does not idle now, but the host's own work is half the GPU's or more: a host at half speed (the lent
+    H100's slow mode) would make the loop host-bound, so the graphs are tried, and the timed comparison decides."""
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=own)
+    assert len(trial.spins) == 1 and active[_off_passes()] and keep is True and passes == _passes_to_decision()
+    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
+    assert trial.report["host_own_ms"] == pytest.approx(100.0 * own)
 
 
 def test_idle_share_is_of_the_whole_step():
@@ -203,7 +227,7 @@ def test_idle_share_is_of_the_whole_step():
             start = trial.now
             ms = step(on, i)
             trial.now += 16.0 if len(trial.spins) > spins else ms
-            trial.host += ms
+            trial.host += ms if len(trial.spins) == spins else 5.0  # the host's own work: under half the GPU's
             trial.saw(_Use(8))
             if on:
                 trial.tails.replays += 1
@@ -235,7 +259,7 @@ def test_a_gpu_that_stays_behind_at_every_layer_gives_a_measurement():
     # the host may wait for the queue (a spin shorter than its pass): what counts is that the GPU never caught up
     trial = _Trial(_Tails())
     trial.behind = lambda at_layer: False
-    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99)
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=0.3)
     assert keep is False and passes == _off_passes() and len(trial.spins) == 1
     assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
 
