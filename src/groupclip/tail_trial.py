@@ -13,12 +13,14 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
 3. otherwise one more pass measures how long the GPU itself works in a backward pass: the GPU is first given a head
    start (`_head_start`: a spin kernel longer than the host's backward), so the GPU works through the pass without
    waiting for the host, the time from the spin's end to the pass's end is pure GPU work, and the host's time for
-   the pass is its own work (it never waits for the GPU). The time the GPU idled in a backward pass (its GPU time in
-   step 2 minus that) is all the graphs could save now: where it is less than `MIN_GAIN` of a step *and* the host's
-   own work is less than `HOST_SHARE` of the GPU's, the graphs stay off without being tried. A host whose own work
-   is half the GPU's or more is tried even where the GPU did not idle: the lent H100 host's Python runs at two
+   the pass is its own work plus any wait for a full launch queue (an upper bound: 127-257 ms against 40-81 ms of
+   GPU work for ViT-base, whose passes launch more than the queue holds). The time the GPU idled in a backward pass
+   (its GPU time in step 2 minus that) is all the graphs could save now: where it is less than `MIN_GAIN` of a step
+   *and* the host's time for the pass is less than `HOST_SHARE` of the GPU's work, the graphs stay off without
+   being tried. A host that may need half the GPU's time or more is tried even where the GPU did not idle: the lent
+   H100 host's Python runs at two
    speeds a factor of ~2 apart (`benchmarks/NOTES.md`), and an eager loop judged GPU-bound on the fast one became
-   host-bound on the slow one (ViT-base bf16 layer-wise: 59 ms steps at the decision, then 62-84 ms with a sync per
+   host-bound on the slow one (ViT-base bf16 layer-wise: 59 ms steps at the decision, then 61-75 ms with a sync per
    step and 74-105 ms back to back, against 58-60 ms with the graphs on in the same run:
    `benchmarks/results/h100-2026-11-25-run3.json`, `h100-2026-11-25-phase-times.json`). That the GPU never waited
    is checked at every clipped layer (`tick`): a mark recorded two layers
@@ -87,10 +89,11 @@ MAX_RETRIALS = 2
 CHURN_PASSES = 4
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound with a margin: less host time
 #: cannot make it faster, and a host at half the speed would still keep up (step 2); in the head-start pass, the
-#: host's own work below this share of the GPU's (step 3). H100 (`benchmarks/results/h100-2026-11-24.json`, the
-#: reports' "host_share"): host-bound ViT-base bf16 1.00-1.03; GPU-bound rows mostly 0.45-0.95, but up to 1.66 (GPT-2,
-#: ViT fp32): a host share near or above 1 does not tell whether the GPU waited (the host may wait for a full launch
-#: queue), only the head start does (those rows: the GPU idles 0-1.1 ms of a 59-79 ms pass)
+#: host's time for the pass below this share of the GPU's work (step 3). H100
+#: (`benchmarks/results/h100-2026-11-24.json`, the reports' "host_share"): host-bound ViT-base bf16 1.00-1.03;
+#: GPU-bound rows mostly 0.45-0.95, but up to 1.66 (GPT-2, ViT fp32): a host share near or above 1 does not tell
+#: whether the GPU waited (the host may wait for a full launch queue), only the head start does (those rows: the GPU
+#: idles 0-1.1 ms of a 59-79 ms pass)
 HOST_SHARE = 0.5
 #: a watch without the probe's measure asks for a new trial where the host's share of a backward pass reaches this
 WATCH_SHARE = 0.95
@@ -124,7 +127,7 @@ class TailTrial:
         self._host_ms = 0.0  # the longest host time of a timed backward pass
         self._head_start_ms: float | None = None  # the next pass gets this head start (None: no probe due)
         self._probe = None  # the mark after the spin of this pass (None: no head start in it)
-        self._probe_clock = 0.0  # the host clock when that pass began
+        self._probe_clock = 0.0  # the host clock when that pass began (its host time: own work + launch-queue waits)
         self._ticks: list = []  # marks at the clipped layers of the pass with a head start, the spin's end first
         self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
         self._probes = 0
@@ -192,7 +195,7 @@ class TailTrial:
 
     def _probed(self, after) -> bool | None:
         """End of a pass that began with a head start: off if the GPU idles too little in a backward pass and the
-        host's own work leaves it a margin."""
+        host's time for the pass leaves it a margin."""
         end, host = self._mark(), (self._clock() - self._probe_clock) * 1e3
         ticks, self._ticks = self._ticks, []
         if self._caught_up or self._finished(ticks[-2] if len(ticks) >= 2 else after):
@@ -210,12 +213,12 @@ class TailTrial:
         busy = self._elapsed_ms(after, end)
         idle = max(0.0, self._window_ms - busy)
         self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms,
-                              "host_own_ms": host}
+                              "head_start_host_ms": host}
         if idle < MIN_GAIN * self._period_ms and host < HOST_SHARE * busy:
             return self._decide(None, None, f"GPU-bound: the GPU idles {idle:.3g} ms in a backward pass of "
                                             f"{self._window_ms:.3g} ms (busy {busy:.3g}), less than "
-                                            f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step, and the host's own "
-                                            f"work in it ({host:.3g} ms) is less than {HOST_SHARE:.0%} of the GPU's")
+                                            f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step, and the host's time "
+                                            f"for it ({host:.3g} ms) is less than {HOST_SHARE:.0%} of the GPU's work")
         self._switch_on()
         return None
 
