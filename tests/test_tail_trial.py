@@ -31,20 +31,29 @@ class _Trial(TailTrial):
     moves `now` by its length and records it in `spins`; `behind` says whether the GPU had passed a mark of the pass
     with the head start (a bool, or a function of whether it is asked at a clipped layer or at the pass's end)."""
 
-    def __init__(self, t):
-        super().__init__(t)
+    def __init__(self, t, from_step=2):
+        super().__init__(t, from_step)
         self.now = self.host = 0.0
         self.spins: list[float] = []
         self.behind = False
         self.in_tick = False
         self.ticks = 0
+        self.pass_ticks = 0  # clipped layers so far in this pass
+        self.spin_layers = None  # in a pass with a head start: the layers the spin outlasts (None: all)
+
+    def begin_of_backward(self):
+        self.pass_ticks = 0
+        super().begin_of_backward()
+
+    def _spinning(self):
+        return self.spin_layers is None or self.pass_ticks <= self.spin_layers
 
     def _head_start(self, ms):
         self.spins.append(ms)
         self.now += ms
 
     def tick(self):
-        self.in_tick, self.ticks = True, self.ticks + 1
+        self.in_tick, self.ticks, self.pass_ticks = True, self.ticks + 1, self.pass_ticks + 1
         super().tick()
         self.in_tick = False
 
@@ -67,12 +76,14 @@ class _Trial(TailTrial):
 
 
 def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0, busy=0.5,
-         own=None):
+         own=None, queue=None, wait=0.0):
     """Backward passes until the trial decides: (decision, passes, tails.active during each pass). Each pass takes
-    step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound), of which the GPU works
-    `busy` (a share) and idles the rest; a pass with a head start takes only the GPU's work after it, and `own` (a
-    share of step_ms; default host_share) of host time: the host's own work, no longer waiting for the GPU. `batch`
-    and `captures`: numbers or functions of (with graphs, i)."""
+    step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound), spread evenly over its
+    four clipped layers, of which the GPU works `busy` (a share) and idles the rest; a pass with a head start takes
+    only the GPU's work after it, and `own` (a share of step_ms; default host_share) of host time: the host's own
+    work, no longer waiting for the GPU, plus `wait` ms at layer `queue` (0-based: the launch queue is full there, and
+    the spin is over from then on; None: the spin outlasts every layer). `batch` and `captures`: numbers or functions
+    of (with graphs, i)."""
     active = []
     for i in range(1, limit + 1):
         on = trial.tails.active
@@ -82,8 +93,11 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, 
         ms = step_ms(on, i)
         probe = len(trial.spins) > spins
         trial.now += busy * ms if probe else ms
-        trial.host += (host_share if own is None or not probe else own) * ms
-        for _ in range(4):  # four clipped layers
+        trial.spin_layers = queue if probe else None
+        for j in range(4):  # four clipped layers
+            if probe and j == queue:
+                trial.host += wait
+            trial.host += (host_share if own is None or not probe else own) * ms / 4
             trial.saw(_Use(batch(on, i) if callable(batch) else batch))
         if on:
             trial.tails.replays += replays_per_step
@@ -179,7 +193,7 @@ def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
 
 def test_a_host_share_of_half_or_more_goes_to_the_head_start():
     # 70% of the GPU's time: not GPU-bound by the margin of step 2 (a host at half speed would take 140%), so the
-    # head start measures; the host's own work then (30%) leaves the margin: off after it
+    # head start measures; the host's own work then (30%) is less than the GPU's: off after it
     trial = _Trial(_Tails())
     keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.7, busy=0.99, own=0.3)
     assert keep is False and len(trial.spins) == 1 and passes == _off_passes()
@@ -188,26 +202,79 @@ def test_a_host_share_of_half_or_more_goes_to_the_head_start():
 
 def test_host_bound_backward_with_a_busy_gpu_decides_off_after_the_head_start():
     # the host takes as long as the GPU's window (it waits for a full launch queue), but the GPU works 99% of it and
-    # the host's own work is 30% of the GPU's: graphs could save at most 1% of a step, a host at half speed keeps up
+    # the host's own work is 30% of the GPU's: graphs could save at most 1% of a step
     trial = _Trial(_Tails())
     keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=0.3)
     assert keep is False and passes == _off_passes() and not any(active) and not trial.tails.active
     assert trial.spins == [pytest.approx(tail_trial.HEAD_START_FACTOR * 100.0 + tail_trial.HEAD_START_MS)]
     assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
     assert trial.report["head_start_host_ms"] == pytest.approx(30.0)
+    assert trial.report["host_own_ms"] == pytest.approx(30.0) and trial.report["layers_before_wait"] == "4/4"
     assert trial.report["backward_gpu_ms"] == pytest.approx(100.0) and trial.report["step_ms"] == pytest.approx(100.0)
     assert "idles 1 ms" in trial.report["reason"] and "30 ms" in trial.report["reason"]
 
 
-@pytest.mark.parametrize("own", [0.5, 0.9, 1.0])
-def test_a_gpu_bound_pass_whose_host_work_leaves_no_margin_tries_the_graphs(own):
-    """The GPU does not idle now, but the host's own work is half the GPU's or more: a host at half speed (the lent
-    H100's slow mode) would make the loop host-bound, so the graphs are tried, and the timed comparison decides."""
+@pytest.mark.parametrize("own", [0.3, 0.6, 0.95])
+def test_a_host_whose_own_work_is_under_the_gpus_decides_off_after_the_head_start(own):
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=own)
+    assert keep is False and passes == _off_passes() and not any(active)
+    assert trial.report["host_own_ms"] == pytest.approx(100.0 * own)
+
+
+@pytest.mark.parametrize("own", [1.0, 1.2, 2.0])
+def test_a_gpu_bound_pass_whose_host_work_reaches_the_gpus_tries_the_graphs(own):
+    """The GPU does not idle now, but the host's own work is as long as the GPU's or longer: a host a little slower
+    later (the lent H100's host runs at two speeds) makes the loop host-bound, so the graphs are tried, and the timed
+    comparison decides."""
     trial = _Trial(_Tails())
     keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=own)
     assert len(trial.spins) == 1 and active[_off_passes()] and keep is True and passes == _passes_to_decision()
     assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
     assert trial.report["head_start_host_ms"] == pytest.approx(100.0 * own)
+    assert trial.report["host_own_ms"] == pytest.approx(100.0 * own)
+
+
+@pytest.mark.parametrize("own, queue, keeps", [(0.6, 1, False), (0.6, 3, False), (1.2, 2, True)])
+def test_own_work_leaves_out_the_wait_for_a_full_launch_queue(own, queue, keeps):
+    """The launch queue fills at a layer of the pass with a head start: the host waits there until the spin ends
+    (150 ms, more than the GPU's work). Its own work is its time to the last layer before, scaled to all four."""
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=own, queue=queue, wait=150.0)
+    assert keep is keeps
+    assert trial.report["head_start_host_ms"] == pytest.approx(100.0 * own + 150.0)
+    assert trial.report["host_own_ms"] == pytest.approx(100.0 * own)
+    assert trial.report["layers_before_wait"] == f"{queue}/4"
+
+
+def test_a_spin_over_before_the_first_layer_counts_the_whole_host_time():
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=0.6, queue=0, wait=150.0)
+    assert keep is True and trial.report["host_own_ms"] == pytest.approx(210.0)
+    assert trial.report["layers_before_wait"] == "0/4"
+
+
+def test_a_trial_from_step_3_does_not_decide_by_the_host_share():
+    trial = _Trial(_Tails(), from_step=3)
+    keep, passes, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.45, busy=0.99, own=0.3)
+    assert keep is False and len(trial.spins) == 1 and passes == _off_passes()
+    assert "idles 1 ms" in trial.report["reason"]
+
+
+def test_a_trial_from_step_4_times_the_graphs_after_the_warm_up():
+    trial = _Trial(_Tails(), from_step=4)
+    keep, passes, active = _run(trial, lambda on, i: 99.5 if on else 100.0, host_share=0.45, busy=0.99, own=0.3)
+    assert keep is True and not trial.spins and trial.report["reason"] == "as fast"
+    assert not any(active[:tail_trial.WARM_STEPS + 1]) and active[tail_trial.WARM_STEPS + 1]
+    trial = _Trial(_Tails(), from_step=4)
+    keep, _, _ = _run(trial, lambda on, i: 102.0 if on else 100.0)
+    assert keep is False and "slower" in trial.report["reason"]
+
+
+@pytest.mark.parametrize("step", [0, 1, 5, "3"])
+def test_a_trial_starts_at_step_2_3_or_4(step):
+    with pytest.raises(ValueError, match="from_step"):
+        TailTrial(_Tails(), from_step=step)
 
 
 def test_idle_share_is_of_the_whole_step():
@@ -454,9 +521,12 @@ class _Decided:
 
 
 class _Asks:
-    """A watch that asks for a new trial at its first pass."""
+    """A watch that asks for a new trial (starting at `retrial_from`) at its first pass."""
 
     report = {"reason": "the GPU now idles"}
+
+    def __init__(self, retrial_from):
+        self.retrial_from = retrial_from
 
     def begin_of_backward(self):
         pass
@@ -479,7 +549,8 @@ def _engine(monkeypatch):
 def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_retrials_times(monkeypatch):
     clipper = _engine(monkeypatch)[1].clipper
     for attempt in range(tail_trial.MAX_RETRIALS + 1):
-        clipper.tail_trial = _Decided(False, "GPU-bound: a backward pass's host time is 80% of its GPU time")
+        busy = None if attempt % 2 else 40.0  # decided by the host share (no probe) / after the probe
+        clipper.tail_trial = _Decided(False, "GPU-bound: a backward pass's host time is 80% of its GPU time", busy)
         clipper.end_of_backward()
         assert clipper.tail_trial is None and clipper.tails is None
         assert clipper.tail_report["reason"].startswith("GPU-bound")
@@ -487,10 +558,14 @@ def test_clipper_watches_after_a_gpu_bound_decision_and_tries_again_at_most_max_
             assert clipper.tail_watch is None
             assert len(clipper.tail_report["retrials"]) == tail_trial.MAX_RETRIALS
             break
-        assert isinstance(clipper.tail_watch, tail_trial.TailWatch) and clipper.tail_watch.busy is None
-        clipper.tail_watch = _Asks()
+        watch = clipper.tail_watch
+        assert isinstance(watch, tail_trial.TailWatch) and watch.busy == busy
+        # idle time seen against the probe's measure: the graphs are timed at once; a host share only: probe first
+        assert watch.retrial_from == (3 if busy is None else 4)
+        clipper.tail_watch = _Asks(watch.retrial_from)
         clipper.end_of_backward()
         assert isinstance(clipper.tail_trial, TailTrial) and clipper.tail_watch is None
+        assert clipper.tail_trial.from_step == watch.retrial_from
         assert clipper.tails is not None and not clipper.tails.active  # a new trial, starting without the graphs
     # a decision that is not "GPU-bound" (measured slower, no CUDA) is not watched
     clipper._retrial_reports.clear()
@@ -538,6 +613,10 @@ def test_watch_uses_the_trials_clock_and_completion_check():
     watch = tail_trial.TailWatch({}, torch.device("cpu"))
     assert 0 < watch._clock() <= tail_trial.time.perf_counter()
     assert watch._finished(Mark(True)) is True and watch._finished(Mark(False)) is False
+    trial = TailTrial(_Tails())  # the spin of a pass with a head start is running until its mark is passed
+    for done in (True, False):
+        trial._probe = Mark(done)
+        assert trial._spinning() is not done
 
 
 class _Counts:  # what CaptureChurn reads of TailGraphs

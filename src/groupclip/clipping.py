@@ -311,7 +311,7 @@ class Clipper:
             if watch is not None and watch.end_of_backward():
                 self.tail_watch = None
                 self.tails = TailGraphs(active=False)
-                self.tail_trial = TailTrial(self.tails)
+                self.tail_trial = TailTrial(self.tails, from_step=watch.retrial_from)
                 self._retrial_reports.append(watch.report)
             return
         keep = trial.end_of_backward()

@@ -12,21 +12,22 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    never pays their memory;
 3. otherwise one more pass measures how long the GPU itself works in a backward pass: the GPU is first given a head
    start (`_head_start`: a spin kernel longer than the host's backward), so the GPU works through the pass without
-   waiting for the host, the time from the spin's end to the pass's end is pure GPU work, and the host's time for
-   the pass is its own work plus any wait for a full launch queue (an upper bound: 127-257 ms against 40-81 ms of
-   GPU work for ViT-base, whose passes launch more than the queue holds). The time the GPU idled in a backward pass
-   (its GPU time in step 2 minus that) is all the graphs could save now: where it is less than `MIN_GAIN` of a step
-   *and* the host's time for the pass is less than `HOST_SHARE` of the GPU's work, the graphs stay off without
-   being tried. A host that may need half the GPU's time or more is tried even where the GPU did not idle: the lent
-   H100 host's Python runs at two
-   speeds a factor of ~2 apart (`benchmarks/NOTES.md`), and an eager loop judged GPU-bound on the fast one became
-   host-bound on the slow one (ViT-base bf16 layer-wise: 59 ms steps at the decision, then 61-75 ms with a sync per
+   waiting for the host, and the time from the spin's end to the pass's end is pure GPU work. The time the GPU idled
+   in a backward pass (its GPU time in step 2 minus that) is all the graphs could save now. The host's time for that
+   pass is its own work plus any wait for a full launch queue (127-257 ms against 40-81 ms of GPU work for ViT-base,
+   whose passes launch more than the queue holds); its own work is its time to the last clipped layer it reached
+   while the spin still ran (until then it cannot have waited for the GPU), scaled to all the pass's clipped layers
+   (`_own_ms`). Where the GPU idles less than `MIN_GAIN` of a step *and* the host's own work is less than
+   `OWN_SHARE` of the GPU's (it keeps up now), the graphs stay off without being tried. A host that needs as long
+   as the GPU or longer is tried even where the GPU did not idle: a snapshot of a loop at the edge does not last
+   (the lent H100 host's Python runs at two speeds a factor of ~2 apart, `benchmarks/NOTES.md`; ViT-base bf16
+   layer-wise judged GPU-bound, with the GPU idle 0 ms of a 39.7 ms pass, then took 61-75 ms a step with a sync per
    step and 74-105 ms back to back, against 58-60 ms with the graphs on in the same run:
    `benchmarks/results/h100-2026-11-25-run3.json`, `h100-2026-11-25-phase-times.json`). That the GPU never waited
-   is checked at every clipped layer (`tick`): a mark recorded two layers
-   earlier must still be ahead of the GPU (a spin shorter than the host's pass is fine as long as the launch queue
-   stays full: the host then waits for the GPU, not the other way round). Where the GPU caught up with the host,
-   the measurement says nothing: it is tried once more with a spin twice as long, then skipped;
+   is checked at every clipped layer (`tick`): a mark recorded two layers earlier must still be ahead of the GPU (a
+   spin shorter than the host's pass is fine as long as the launch queue stays full: the host then waits for the
+   GPU, not the other way round). Where the GPU caught up with the host, the measurement says nothing: it is tried
+   once more with a spin twice as long, then skipped;
 4. otherwise the graphs are switched on; at least `SETTLE_STEPS` steps let the tails' keys repeat and get captured,
    and until a step captures nothing (after `MAX_ON_STEPS` steps that still capture, they are dropped);
 5. then steps alternate without and with the graphs in blocks of two, the second of each block timed, `TIMED_STEPS`
@@ -47,7 +48,10 @@ After a "GPU-bound" decision a `TailWatch` keeps timing the backward passes (two
 GPU has passed them, never waited for): the loop was judged from a few steps, and a host that slows down later makes
 a loop that was GPU-bound host-bound. Where, over `WATCH_PASSES` passes, the GPU now idles at least `MIN_GAIN` of a
 step in a backward pass (against the head-start probe's measure of its own work; where the probe did not run, where
-the host's share reaches `WATCH_SHARE`), a new trial starts, at most `MAX_RETRIALS` times in an engine's life.
+the host's share reaches `WATCH_SHARE`), a new trial starts, at most `MAX_RETRIALS` times in an engine's life. A new
+trial after idle time was seen starts at step 4 (the graphs are timed: a new probe could catch the host at a fast
+moment again and judge the same); after a rise of the host share, which a full launch queue causes as well, at step 3
+(`from_step`).
 
 After a decision to keep them, `CaptureChurn` drops the graphs where they keep being captured anew: `CHURN_PASSES`
 backward passes in a row in which at least a quarter of the tails that went to a graph were captured rather than
@@ -88,13 +92,15 @@ MAX_RETRIALS = 2
 #: dropped (`CaptureChurn`); a loop settling after a change of batch size captures for one or two
 CHURN_PASSES = 4
 #: a backward pass whose host time is below this share of its GPU time is GPU-bound with a margin: less host time
-#: cannot make it faster, and a host at half the speed would still keep up (step 2); in the head-start pass, the
-#: host's time for the pass below this share of the GPU's work (step 3). H100
+#: cannot make it faster, and a host at half the speed would still keep up (step 2). H100
 #: (`benchmarks/results/h100-2026-11-24.json`, the reports' "host_share"): host-bound ViT-base bf16 1.00-1.03;
 #: GPU-bound rows mostly 0.45-0.95, but up to 1.66 (GPT-2, ViT fp32): a host share near or above 1 does not tell
 #: whether the GPU waited (the host may wait for a full launch queue), only the head start does (those rows: the GPU
 #: idles 0-1.1 ms of a 59-79 ms pass)
 HOST_SHARE = 0.5
+#: in the head-start pass, the host's own work (`_own_ms`) below this share of the GPU's: the host keeps up with the
+#: GPU now (step 3); a host that slows down later is the watch's to catch
+OWN_SHARE = 1.0
 #: a watch without the probe's measure asks for a new trial where the host's share of a backward pass reaches this
 WATCH_SHARE = 0.95
 #: spin-kernel cycles per millisecond of head start: at least a millisecond on GPUs clocked up to 2.5 GHz (H100 SXM:
@@ -108,8 +114,11 @@ HEAD_START_MS = 2.0
 class TailTrial:
     """The measurement that decides `tail_graphs="auto"` for one engine. Switches `tails.active` itself."""
 
-    def __init__(self, tails: TailGraphs) -> None:
+    def __init__(self, tails: TailGraphs, from_step: int = 2) -> None:
+        if from_step not in (2, 3, 4):
+            raise ValueError(f"from_step={from_step!r}: a trial starts at step 2, 3 or 4")
         self.tails = tails
+        self.from_step = from_step  # 3: step 2 cannot decide off; 4: the graphs go on after the warm-up (a watch's)
         self.samples = 0  # batch size of a clip tail on a CUDA tensor in the current backward pass, or 0
         self.device: torch.device | None = None
         self._passes = 0  # backward passes counted so far
@@ -130,6 +139,7 @@ class TailTrial:
         self._probe_clock = 0.0  # the host clock when that pass began (its host time: own work + launch-queue waits)
         self._ticks: list = []  # marks at the clipped layers of the pass with a head start, the spin's end first
         self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
+        self._spin_seen: tuple[int, float] = (0, 0.0)  # (clipped layers, host ms) at the last one the spin outlasted
         self._probes = 0
         self._probe_report: dict = {}
         self.report: dict | None = None
@@ -141,7 +151,7 @@ class TailTrial:
             if self._head_start_ms is not None:
                 self._head_start(self._head_start_ms)
                 self._probe, self._probe_clock = self._mark(), self._clock()
-                self._ticks, self._caught_up = [self._probe], False
+                self._ticks, self._caught_up, self._spin_seen = [self._probe], False, (0, 0.0)
             else:
                 self._begin = (self._mark(), self._clock())
 
@@ -158,6 +168,8 @@ class TailTrial:
             return
         ticks = self._ticks
         ticks.append(self._mark())
+        if self._spin_seen[0] == len(ticks) - 2 and self._spinning():  # (asked until the spin is found over)
+            self._spin_seen = (len(ticks) - 1, (self._clock() - self._probe_clock) * 1e3)
         if len(ticks) >= 3 and self._finished(ticks[-3]):
             self._caught_up = True
 
@@ -172,6 +184,9 @@ class TailTrial:
         self._passes += 1
         if self._passes <= WARM_STEPS:
             return None
+        if self._on_from is None and self.from_step == 4:
+            self._switch_on()
+            return None
         if self._on_from is None:  # is the host the slower?
             probe, self._probe = self._probe, None
             if probe is not None:
@@ -183,7 +198,7 @@ class TailTrial:
             if self._passes <= WARM_STEPS + TIMED_STEPS:
                 return None
             share = self._share = self._host_share()
-            if share is not None and share < HOST_SHARE:
+            if share is not None and share < HOST_SHARE and self.from_step == 2:
                 return self._decide(None, None, f"GPU-bound: a backward pass's host time is {share:.0%} of its "
                                                 "GPU time")
             if share is not None and self._period_ms and self._can_spin():
@@ -195,7 +210,7 @@ class TailTrial:
 
     def _probed(self, after) -> bool | None:
         """End of a pass that began with a head start: off if the GPU idles too little in a backward pass and the
-        host's time for the pass leaves it a margin."""
+        host's own work in it is less than the GPU's."""
         end, host = self._mark(), (self._clock() - self._probe_clock) * 1e3
         ticks, self._ticks = self._ticks, []
         if self._caught_up or self._finished(ticks[-2] if len(ticks) >= 2 else after):
@@ -212,15 +227,28 @@ class TailTrial:
         self._head_start_ms = None
         busy = self._elapsed_ms(after, end)
         idle = max(0.0, self._window_ms - busy)
+        own = self._own_ms(host, len(ticks) - 1)
         self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms,
-                              "head_start_host_ms": host}
-        if idle < MIN_GAIN * self._period_ms and host < HOST_SHARE * busy:
+                              "head_start_host_ms": host, "host_own_ms": own,
+                              "layers_before_wait": f"{self._spin_seen[0]}/{len(ticks) - 1}"}
+        if idle < MIN_GAIN * self._period_ms and own < OWN_SHARE * busy:
             return self._decide(None, None, f"GPU-bound: the GPU idles {idle:.3g} ms in a backward pass of "
                                             f"{self._window_ms:.3g} ms (busy {busy:.3g}), less than "
-                                            f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step, and the host's time "
-                                            f"for it ({host:.3g} ms) is less than {HOST_SHARE:.0%} of the GPU's work")
+                                            f"{MIN_GAIN:.0%} of a {self._period_ms:.3g} ms step, and the host's own "
+                                            f"work in it ({own:.3g} ms) is less than the GPU's")
         self._switch_on()
         return None
+
+    def _own_ms(self, host: float, layers: int) -> float:
+        """The host's own work in the pass with a head start, from its time to the last clipped layer it reached
+        while the spin still ran, scaled to all `layers` of the pass. Until the spin ends the host cannot have
+        waited for the GPU: a wait for a full launch queue (or a sync) lasts until the GPU moves on past the spin.
+        Where the spin outlasted every layer, the pass's whole host time; where it outlasted none, that too (an upper
+        bound)."""
+        seen, ms = self._spin_seen
+        if seen == 0 or seen >= layers:
+            return host
+        return ms * layers / seen
 
     def _switch_on(self) -> None:
         self.tails.active = True
@@ -317,6 +345,10 @@ class TailTrial:
         """Whether the GPU has passed `mark` already."""
         return mark.query()
 
+    def _spinning(self) -> bool:
+        """Whether the GPU has yet to finish the head start of this pass."""
+        return not self._finished(self._probe)
+
 
 class TailWatch:
     """After the trial left the graphs off as GPU-bound: asks for a new trial where the backward passes now leave the
@@ -325,6 +357,10 @@ class TailWatch:
     def __init__(self, report: dict, device: torch.device) -> None:
         self.busy = report.get("gpu_busy_ms")  # the GPU's own work in a backward pass (the probe), or None
         self.device = device
+        # the step a new trial starts at: where the GPU was seen to idle against the probe's measure, the graphs are
+        # timed at once (a new probe may catch the host at a fast moment again); where only the host share rose (a
+        # full launch queue raises it too), the head start measures first
+        self.retrial_from = 4 if self.busy is not None else 3
         self._begin: tuple[object, float] | None = None
         self._pending: list[tuple[object, object, float]] = []  # (begin mark, end mark, host ms), not yet read
         self._last_end = None  # end mark of the last pass read (for the period)
