@@ -76,14 +76,14 @@ class _Trial(TailTrial):
 
 
 def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, captures=lambda i: 0, busy=0.5,
-         own=None, queue=None, wait=0.0):
+         own=None, queue=None, wait=0.0, end_wait=0.0):
     """Backward passes until the trial decides: (decision, passes, tails.active during each pass). Each pass takes
     step_ms(with graphs, i) of GPU time and host_share of that of host time (1: host-bound), spread evenly over its
     four clipped layers, of which the GPU works `busy` (a share) and idles the rest; a pass with a head start takes
     only the GPU's work after it, and `own` (a share of step_ms; default host_share) of host time: the host's own
     work, no longer waiting for the GPU, plus `wait` ms at layer `queue` (0-based: the launch queue is full there, and
-    the spin is over from then on; None: the spin outlasts every layer). `batch` and `captures`: numbers or functions
-    of (with graphs, i)."""
+    the spin is over from then on; None: the spin outlasts every layer), and `end_wait` ms after its last layer.
+    `batch` and `captures`: numbers or functions of (with graphs, i)."""
     active = []
     for i in range(1, limit + 1):
         on = trial.tails.active
@@ -99,6 +99,8 @@ def _run(trial, step_ms, batch=8, replays_per_step=1, limit=80, host_share=1.0, 
                 trial.host += wait
             trial.host += (host_share if own is None or not probe else own) * ms / 4
             trial.saw(_Use(batch(on, i) if callable(batch) else batch))
+        if probe:
+            trial.host += end_wait
         if on:
             trial.tails.replays += replays_per_step
             trial.tails.captures += captures(i)
@@ -245,6 +247,15 @@ def test_own_work_leaves_out_the_wait_for_a_full_launch_queue(own, queue, keeps)
     assert trial.report["head_start_host_ms"] == pytest.approx(100.0 * own + 150.0)
     assert trial.report["host_own_ms"] == pytest.approx(100.0 * own)
     assert trial.report["layers_before_wait"] == f"{queue}/4"
+
+
+def test_a_queue_that_fills_after_the_last_layer_is_left_out():
+    # the spin outlasts all four layers; the host then waits 150 ms for the pass's last launches
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 60.0 if on else 100.0, busy=0.99, own=0.6, end_wait=150.0)
+    assert keep is False and trial.report["layers_before_wait"] == "4/4"
+    assert trial.report["head_start_host_ms"] == pytest.approx(210.0)
+    assert trial.report["host_own_ms"] == pytest.approx(60.0)
 
 
 def test_a_spin_over_before_the_first_layer_counts_the_whole_host_time():
