@@ -292,6 +292,12 @@ def tail_state(s: Setup) -> dict:
     return out
 
 
+def captures(s: Setup) -> int | None:
+    """Clip-tail graphs captured so far by a groupclip setup (None: none kept)."""
+    clipper = s.engine.clipper if s.engine is not None else None
+    return clipper.tails.captures if clipper is not None and clipper.tails is not None else None
+
+
 def time_config(workload, mode, precision, steps, warmup) -> dict:
     reset()
     row = {"workload": workload, "mode": mode, "precision": precision}
@@ -306,21 +312,27 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         # faster (`groupclip.tail_trial`): warm up until it has decided and no more graphs are captured (at most
         # TRIAL_CAP steps more)
         i = done_warm = 0
+        new_graphs = []  # clip-tail graphs captured in each timed step (a capture costs the host milliseconds)
         while len(times) < steps:
             x, y = batches[i % 2]
             sync()
+            before = captures(s)
             t0 = time.perf_counter()
             s.step(x, y)
             sync()
             i += 1
             if done_warm:
                 times.append(time.perf_counter() - t0)
+                after = captures(s)
+                new_graphs.append(after - before if after is not None and before is not None else None)
             elif i >= warmup and (not s.trial_pending() or i >= warmup + TRIAL_CAP):
                 done_warm = i
                 row["host_probe_ms"] = host_probe_ms()
         med = statistics.median(times)
         row.update(step_s=med, samples_per_s=s.batch / med, peak_mem_gib=peak_gib(),
                    step_s_all=times, warmup_steps=done_warm, host_probe_after_ms=host_probe_ms(), **tail_state(s))
+        if any(n is not None for n in new_graphs):
+            row["captures_per_step"] = new_graphs
         # the same steps back to back, as a training loop runs them: no host sync between steps, so the host
         # may prepare step i+1 while the GPU runs step i. Per-step times from CUDA events recorded on the
         # stream at each step's start (GPU timeline, idle gaps included); one sync at the end
@@ -337,6 +349,7 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             row.update({k + "_b2b": v for k, v in tail_state(s).items()})
             events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
             sync()
+            before = captures(s)
             for i in range(steps):
                 x, y = batches[i % 2]
                 events[i].record()
@@ -346,6 +359,9 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             b2b = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
             med = statistics.median(b2b)
             row.update(step_s_b2b=med, samples_per_s_b2b=s.batch / med, step_s_b2b_all=b2b)
+            after = captures(s)
+            if after is not None and before is not None:
+                row["captures_b2b"] = after - before
     except Exception as e:  # record failures as findings
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         traceback.print_exc(limit=4)

@@ -3,11 +3,12 @@ results/h100-2026-11-25-phase-times.json).
 
     python benchmarks/phase_times.py --out phase-times.json
 
-Four setups: non-private, groupclip layer-wise with the clip-tail graphs off and on (forced, no trial), all-layer
-with them off. Each: 8 warm-up steps, then 10 synchronised steps, 10 back-to-back steps and 10 synchronised again,
-each phase's GPU time (CUDA events after zero_grad + forward, backward, optimizer step) and host time, medians; then
-the CPU profiler's top operations by self time over 4 steps back to back and 4 synchronised. Shows whether an eager
-loop's backward is host-bound and how its host time moves within one process.
+Setups (`--setups`, default the first four): non-private, groupclip layer-wise with the clip-tail graphs off and on
+(forced, no trial), all-layer with them off and on; `--rounds` repeats them, interleaved. Each: 8 warm-up steps,
+then 10 synchronised steps, 10 back-to-back steps and 10 synchronised again, each phase's GPU time (CUDA events after
+zero_grad + forward, backward, optimizer step) and host time, medians; then the CPU profiler's top operations by self
+time over 4 steps back to back and 4 synchronised. Shows whether an eager loop's backward is host-bound and how its
+host time moves within one process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from gpu import Setup, host_probe_ms, make_batch
 from torch.profiler import ProfilerActivity, profile
 
 SETUPS = (("np", "nonprivate", None), ("lw_off", "groupclip-layer-wise", False),
-          ("lw_on", "groupclip-layer-wise", True), ("al_off", "groupclip-all-layer", False))
+          ("lw_on", "groupclip-layer-wise", True), ("al_off", "groupclip-all-layer", False),
+          ("al_on", "groupclip-all-layer", True))
 
 
 def phases(s: Setup, batches, n: int, back_to_back: bool) -> dict:
@@ -77,11 +79,18 @@ def top_ops(s: Setup, batches, back_to_back: bool, steps: int = 4) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--setups", default="np,lw_off,lw_on,al_off", help="comma-separated, of " +
+                    ", ".join(label for label, _, _ in SETUPS))
+    ap.add_argument("--rounds", type=int, default=1, help="the setups measured this many times, interleaved")
     args = ap.parse_args()
+    wanted = args.setups.split(",")
+    unknown = set(wanted) - {label for label, _, _ in SETUPS}
+    if unknown:
+        ap.error(f"unknown setups {sorted(unknown)}")
     torch.backends.cuda.matmul.allow_tf32 = True
-    res = {"command": "python benchmarks/phase_times.py --out " + args.out, "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__}
-    for label, mode, tails in SETUPS:
+    res = {"command": f"python benchmarks/phase_times.py --out {args.out} --setups {args.setups} --rounds "
+                      f"{args.rounds}", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for rnd, (label, mode, tails) in ((r, x) for r in range(args.rounds) for x in SETUPS if x[0] in wanted):
         s = Setup("vit", mode, "bf16", tail_graphs=tails)
         gen = torch.Generator("cuda").manual_seed(1)
         batches = [make_batch(s.kind, s.batch, s.seq, gen, s.small) for _ in range(2)]
@@ -93,8 +102,8 @@ def main() -> None:
         r["b2b_cpu_top"] = top_ops(s, batches, True)
         r["sync_cpu_top"] = top_ops(s, batches, False)
         s.close()
-        res[label] = r
-        print(label, json.dumps({k: v for k, v in r.items() if "top" not in k}), flush=True)
+        res[label if rnd == 0 else f"{label}_round{rnd + 1}"] = r
+        print(label, rnd, json.dumps({k: v for k, v in r.items() if "top" not in k}), flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -6,7 +6,7 @@ Largest batch: "≥" = the search's cap fitted; in parentheses the ratio to eage
 for a graphed mode, also to nonprivate-graph's ("× graph"); "search stopped" = an error other than running out
 of memory ended that search (the batch is the largest that fitted before it). Files from before the graphed
 modes were searched show "–" there. "Back to back": the steps timed without a sync between them (files from before
-that measurement show "–").
+that measurement show "–"). Peak memory: each round's (the tail-graph trial may decide differently in each).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def table(result: dict) -> str:
                            r["peak_mem_gib"], r["peak_mem_gib"] / b["peak_mem_gib"],
                            r["samples_per_s"] / gb["samples_per_s"] if gb else None, b2b))
     out = ["| workload | precision | mode | samples/s (round 1 / 2) | × non-private speed | × non-private graph "
-           "| × non-private, back to back | peak GiB | × memory | largest batch (× non-private) |",
+           "| × non-private, back to back | peak GiB (round 1 / 2) | × memory | largest batch (× non-private) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     # rows: every timed configuration, and every searched one (a run of the maxbatch phase alone)
     keys = sorted(set(cells) | set(errors) | set(maxb), key=lambda k: (k[0], k[1], _order(k[2])))
@@ -56,7 +56,9 @@ def table(result: dict) -> str:
         ratio = " / ".join(f"{x[1]:.2f}" for x in c)
         gratio = " / ".join(f"{x[4]:.2f}" for x in c) if all(x[4] is not None for x in c) else "–"
         b2b = " / ".join(f"{x[5]:.2f}" for x in c) if all(x[5] is not None for x in c) else "–"
-        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {b2b} | {c[0][2]:.1f} | {c[0][3]:.2f} | {big} |")
+        mem = " / ".join(f"{x[2]:.1f}" for x in c)
+        mratio = " / ".join(f"{x[3]:.2f}" for x in c)
+        out.append(f"| {w} | {p} | {m} | {sp} | {ratio} | {gratio} | {b2b} | {mem} | {mratio} | {big} |")
     return "\n".join(out)
 
 
