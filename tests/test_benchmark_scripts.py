@@ -51,6 +51,21 @@ def test_gpu_benchmark_tiny_run_and_table(tmp_path):
     for line in body:
         assert line.count("|") == header.count("|")
         assert " / " in line.split(" | ")[3]  # both rounds' samples/s
+        assert " / " in line.split(" | ")[7] and " / " in line.split(" | ")[8]  # both rounds' memory
+
+
+def test_table_shows_each_rounds_memory():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import table
+
+    def row(mode, rnd, sps, gib):
+        return {"workload": "w", "precision": "bf16", "mode": mode, "round": rnd, "samples_per_s": sps,
+                "peak_mem_gib": gib}
+
+    result = {"time": [row("nonprivate", 0, 100.0, 10.0), row("groupclip-layer-wise", 0, 95.0, 10.0),
+                       row("nonprivate", 1, 100.0, 10.0), row("groupclip-layer-wise", 1, 96.0, 10.3)]}
+    line = next(x for x in table.table(result).splitlines() if "groupclip-layer-wise" in x).split(" | ")
+    assert line[4] == "0.95 / 0.96" and line[7] == "10.0 / 10.3" and line[8] == "1.00 / 1.03"
 
 
 def test_pin_to_core():
