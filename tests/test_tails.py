@@ -327,6 +327,103 @@ def test_all_layer_graph_paths_take_linear_and_layernorm_leave_the_rest_eager(mo
     assert not any("emb" in lb for lb in labels) and len(labels) == 14  # 7 layers x (weight, bias)
 
 
+def test_all_layer_sums_key_takes_the_norm_graphs_tokens(monkeypatch):
+    """Where a Linear use's norm came from a graph in this pass, the group's sums key holds that graph's token (its
+    key and output addresses) instead of the signatures of the tensors the sums read (the same tensors, or that
+    graph's output); the embedding and anything whose norm ran eagerly keep their signatures."""
+    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
+    keys = []
+
+    def run(self, slot_id, key, tail, uses, own_gram=True, copy=True, owners=None, keep=None):
+        keys.append((slot_id[0], key))
+        return tail()
+
+    monkeypatch.setattr(TailGraphs, "run", run)
+    torch.manual_seed(0)
+    model = EmbedNet()
+    eng, _ = _engine(model, groups="all-layer", tail_graphs=True)
+    model(torch.randint(0, 50, (8, 5))).square().mean().backward()
+    norm_keys = [k for kind, k in keys if kind == "norm"]
+    (group_key,) = [k for kind, k in keys if kind == "group"]
+    tokens = [part for part in group_key if isinstance(part, tuple) and part and part[0] == "norm graph"]
+    # the 7 waiting layers' norm graphs (the embedding arrives last, completing the group); a token per parameter
+    # of the 6 Linear layers (weight, bias), each naming one of those keys; the LayerNorm keeps its signatures
+    assert len(set(norm_keys)) == 7 and len(tokens) == 12
+    assert len({t[1] for t in tokens}) == 6 and {t[1] for t in tokens} < set(norm_keys)
+    assert eng.clipper._norm_graphs == {}  # consumed by the group's end
+
+
+class _Rule:
+    def __init__(self, name):
+        self.name = name
+
+
+class _KeyUse:
+    """What `group_key` and `norm_graph_entry` read of a use."""
+
+    def __init__(self, rule="linear"):
+        self.plan = object()
+        self.unit = type("U", (), {"rule": _Rule(rule), "params": {"weight": torch.zeros(1), "bias": torch.zeros(1)}})
+        self.batch_size = 4
+        self.saved = (torch.randn(4, 3, 5), torch.randn(6, 5))
+        self.grad_out = torch.randn(4, 3, 6)
+        self.cache = {}
+
+
+def _group_key(uses, graphed):
+    norm = torch.rand(4)
+    entries = [(u, n) for u in uses for n in ("weight", "bias")]
+    return TailGraphs.group_key(entries, [(norm, True)], ("s",), graphed)[0]
+
+
+def test_group_key_token_only_where_the_sums_read_what_the_norm_graph_covers(monkeypatch):
+    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
+    u = _KeyUse()
+    outs = (torch.rand(4), torch.rand(4, 6))  # the norm graph's outputs: the norm, the per-sample bias gradients
+    u.cache["gb"] = outs[1]
+    entry = tails.norm_graph_entry(u, ("a norm key",), outs)
+    token = entry[0]
+    assert token == ("norm graph", ("a norm key",), (outs[0].data_ptr(), outs[1].data_ptr()))
+
+    def has_token(key):
+        return sum(part == token for part in key)
+
+    assert has_token(_group_key([u], {id(u): entry})) == 2  # weight and bias
+    assert has_token(_group_key([u], {})) == 0  # no norm graph in this pass: signatures
+    # the sums would read something the token does not cover: signatures
+    u.cache["gb"] = outs[1].clone()  # per-sample bias gradients not from that graph
+    assert has_token(_group_key([u], {id(u): entry})) == 0
+    u.cache["gb"] = outs[1]
+    u.cache["G"] = torch.rand(4, 6, 5)  # instantiated weight gradients
+    assert has_token(_group_key([u], {id(u): entry})) == 0
+    del u.cache["G"]
+    u.saved = (u.saved[0].clone(),)  # another input tensor than the norm graph's key was made from
+    assert has_token(_group_key([u], {id(u): entry})) == 0
+    entry = tails.norm_graph_entry(u, ("a norm key",), outs)
+    u.grad_out = u.grad_out.clone()
+    assert has_token(_group_key([u], {id(u): entry})) == 0
+    # LayerNorm's per-sample gradients may be computed after its norm: no token for it
+    assert tails.norm_graph_entry(_KeyUse("layer_norm"), ("k",), outs) is None
+
+
+def test_group_key_tokens_differ_where_the_norm_graphs_outputs_moved(monkeypatch):
+    monkeypatch.setattr(tails, "GRAPH_DEVICE", "cpu")
+    u = _KeyUse()
+    outs = (torch.rand(4), torch.rand(4, 6))
+    u.cache["gb"] = outs[1]
+    norm = torch.rand(4)
+    entries = [(u, "weight"), (u, "bias")]
+
+    def key(outputs):
+        u.cache["gb"] = outputs[1]
+        graphed = {id(u): tails.norm_graph_entry(u, ("a norm key",), outputs)}
+        return TailGraphs.group_key(entries, [(norm, True)], ("s",), graphed)[0]
+
+    assert key(outs) == key(outs)
+    assert key(outs) != key((outs[0], outs[1].clone()))  # the same norm key, the bias gradients elsewhere
+    assert key(outs) != key((outs[0].clone(), outs[1]))
+
+
 class PreLN(nn.Module):
     """Two pre-LayerNorm residual blocks, a LayerNorm used twice, then a head. `keep`: a list that gets the input
     gradient of the second block's LayerNorm (a hook on the tensor only that LayerNorm reads)."""

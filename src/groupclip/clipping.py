@@ -19,7 +19,7 @@ from groupclip.rules import EngineError
 from groupclip.rules.base import acc_dtype, ghost_inner, one_coefficient
 from groupclip.tail_trial import MAX_RETRIALS, CaptureChurn, TailTrial, TailWatch
 from groupclip.tails import MODES as TAIL_MODES
-from groupclip.tails import TailGraphs
+from groupclip.tails import TailGraphs, norm_graph_entry
 
 CLIPPING = ("automatic", "autov", "abadi", "psac")
 GROUP_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -135,6 +135,9 @@ class Clipper:
         self.tail_watch: TailWatch | None = None  # after a "GPU-bound" decision: asks for a new trial if it changes
         self._retrial_reports: list[dict] = []  # why each new trial was started (the watch's reports)
         self.tail_churn: CaptureChurn | None = None  # after a decision to keep them: drops graphs captured anew
+        # id(use) -> (token, saved input, output gradient, outputs) of the waiting uses whose norm a graph gave in
+        # this backward pass (`_graphed_norm`), until their group's sums (`TailGraphs.group_key`)
+        self._norm_graphs: dict[int, tuple] = {}
 
     def __call__(self, k: int, uses: list[Use]) -> None:
         if len(uses) == 1 and "n2g" not in uses[0].cache:
@@ -181,6 +184,9 @@ class Clipper:
                 graphed = self._graphed_sums(k, layout, uses, parts)
                 if graphed is not None:
                     coef, done = graphed
+        if self._norm_graphs:
+            for u in uses:
+                self._norm_graphs.pop(id(u), None)
         if coef is None:
             coef = self._coef(k, parts, batch)
         with one_coefficient():
@@ -226,7 +232,8 @@ class Clipper:
         """The coefficient and the clipped sums of the group's single-use parameters from one CUDA graph
         (`groupclip.tails`), as (coefficient, {id(param): sum}); None where none applies (all run eagerly)."""
         singles = [(i, p, uses[j], n) for i, p, j, n, refs in layout if refs is None]
-        key, taken = self.tails.group_key([(u, n) for _, _, u, n in singles], parts, self._tail_settings(k))
+        key, taken = self.tails.group_key([(u, n) for _, _, u, n in singles], parts, self._tail_settings(k),
+                                          self._norm_graphs)
         if key is None:
             return None
         chosen = [singles[t] for t in taken]
@@ -293,6 +300,7 @@ class Clipper:
 
     def begin_of_backward(self) -> None:
         """Called by the hub when a backward pass reaches its first use (the tail-graph trial times the pass)."""
+        self._norm_graphs.clear()  # (left by a pass that did not finish)
         if self.tail_trial is not None:
             self.tail_trial.begin_of_backward()
         elif self.tail_watch is not None:
@@ -373,6 +381,9 @@ class Clipper:
         got = tails.run(("norm", use.plan, splits[0][0]), key, tail, (use,), copy=False)
         if got is None:
             return None
+        entry = norm_graph_entry(use, key, got)
+        if entry is not None:
+            self._norm_graphs[id(use)] = entry
         if len(got) == 2:
             use.cache["gb"] = got[1]
         return got[0]

@@ -132,10 +132,18 @@ class TailGraphs:
 
     @staticmethod
     def group_key(entries: list[tuple[Use, str]], norms: list[tuple[torch.Tensor, bool]],
-                  settings: tuple) -> tuple[tuple | None, list[int]]:
+                  settings: tuple, norm_graphs: dict[int, tuple] | None = None) -> tuple[tuple | None, list[int]]:
         """The key of a group's sums phase (a group with several uses, e.g. all-layer clipping, at its end: the
         coefficient from the norms, then the clipped sums), and which of `entries` (each parameter's single use and
-        name) the graph computes; the others are summed eagerly. (None, []) where no graph applies."""
+        name) the graph computes; the others are summed eagerly. (None, []) where no graph applies.
+
+        `norm_graphs`: id(use) -> (token, saved input, output gradient, outputs) of a waiting Linear / Conv1D use
+        whose norm a graph replayed or captured in this pass (`Clipper._graphed_norm`; token: that graph's key and
+        its outputs' addresses). Where its sums read that very input and output gradient (the same tensors) and,
+        besides them, only one of those outputs (the per-sample bias gradients), the token stands in for their
+        signatures: the norm graph's key holds the input's and output gradient's addresses, shapes, strides and
+        dtypes, and the outputs' layout follows from that key, so equal tokens mean equal signatures (a signature
+        is ~4 host calls a tensor, ~150 tensors for ViT-base's group)."""
         if not norms or not isinstance(norms[0][0], torch.Tensor):
             return None, []
         if norms[0][0].device.type != GRAPH_DEVICE or capturing():
@@ -154,7 +162,13 @@ class TailGraphs:
             sig = by_use.get(id(u), False) if same else False
             if sig is False:
                 read = _read_by_sums(u, n)
-                sig = None if read is None else _signature(read, index)
+                graphed = norm_graphs.get(id(u)) if same and norm_graphs else None
+                if read is None:
+                    sig = None
+                elif graphed is not None and _read_by_norm_graph(read, graphed):
+                    sig = graphed[0]
+                else:
+                    sig = _signature(read, index)
                 if same:
                     by_use[id(u)] = sig
             if sig is None:
@@ -504,6 +518,25 @@ def _read_by_sums(use: Use, name: str) -> tuple | None:
 
 #: rules whose clipped sums read the same tensors for every parameter of a use (`_read_by_sums` ignores the name)
 _ONE_READ_PER_USE = ("linear", "hf_conv1d")
+
+
+def norm_graph_entry(use: Use, key: tuple, outs: Sequence[torch.Tensor]) -> tuple | None:
+    """What `TailGraphs.group_key` takes of a waiting use whose norm the graph with this key gave (replayed or just
+    captured; `outs`: its outputs): (token, saved input, output gradient, outputs), or None for a rule whose sums it
+    does not cover (LayerNorm's per-sample gradients may be computed after its norm, at new addresses)."""
+    if use.unit.rule.name not in _ONE_READ_PER_USE:
+        return None
+    return ("norm graph", key, tuple([t.data_ptr() for t in outs])), use.saved[0], use.grad_out, tuple(outs)
+
+
+def _read_by_norm_graph(read: tuple, graphed: tuple) -> bool:
+    """Whether a Linear / Conv1D use's sums read (`_read_by_sums`: saved input, output gradient, per-sample bias
+    gradients, instantiated weight gradients) only what its norm graph's token covers (`TailGraphs.group_key`):
+    the input and output gradient that graph's key was made from, and an output of that graph or nothing."""
+    _, x, g, outs = graphed
+    gb = read[2]
+    return (read[0] is x and read[1] is g and read[3] is None
+            and (gb is None or any(gb is o for o in outs)))
 
 
 def _signature(read, index: int) -> tuple | None:
