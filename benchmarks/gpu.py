@@ -54,7 +54,7 @@ TAILS = "-tails"  # suffix: the eager loop with each layer's clip tail replayed 
 MODES = ["nonprivate", "groupclip-all-layer", "groupclip-layer-wise", "groupclip-layer-wise-tails", "opacus-hooks",
          "opacus-ghost", "nonprivate-graph", "groupclip-all-layer-graph", "groupclip-layer-wise-graph"]
 # the modes the largest-batch search takes (not yet the tail-graph mode)
-MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus") and not m.endswith(TAILS)]
+MAXBATCH_MODES = [m for m in MODES if not m.startswith("opacus")]
 PRECISIONS = ["fp32", "bf16"]
 DEV = "cuda"
 
@@ -418,17 +418,22 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
     """Largest batch that runs two steps: grow by 1.5x until failure (cap: cap_factor x nominal), then bisect.
 
     Eager modes run every trial on one Setup. A graphed mode captures its graph at the batch size of its first
-    step, so each trial builds its own Setup (a capture at that size) and closes it after. A trial does not fit
-    when it runs out of memory, in the capture too. Any other error ends the search (a failed capture can leave
-    the process unusable): the row then keeps the largest batch that fitted so far, with "stopped" (the error)
-    and "stopped_at" (the batch it came at); where nothing fitted yet, the error is raised.
+    step, so each trial builds its own Setup (a capture at that size) and closes it after. A `-tails` mode (clip
+    tails forced on) also builds a Setup per trial and runs three steps: a tail is captured when its key comes back
+    (step 2) and replayed after, so the peak holds the graphs' buffers and pool, and no graph of another batch size
+    is left in it. A trial does not fit when it runs out of memory, in the capture too. Any other error ends the
+    search (a failed capture can leave the process unusable): the row then keeps the largest batch that fitted so
+    far, with "stopped" (the error) and "stopped_at" (the batch it came at); where nothing fitted yet, the error is
+    raised.
     """
     nominal = WORKLOADS[workload]["batch"]
-    graph = mode.endswith(GRAPH)
+    graph, tails = mode.endswith(GRAPH), mode.endswith(TAILS)
+    fresh, steps = graph or tails, 3 if tails else 2
     reset()
-    # tail graphs off: the default's trial would switch them on partway through the trials (it counts every
-    # backward pass, at whatever batch); with them on a layer's results take one more buffer its size
-    shared = None if graph else Setup(workload, mode, precision, tail_graphs=False)
+    # the default mode with tail graphs off: its trial would switch them on partway through the trials (it counts
+    # every backward pass, at whatever batch); with them on a layer's results take one more buffer its size (the
+    # `-tails` mode's search measures that)
+    shared = None if fresh else Setup(workload, mode, precision, tail_graphs=False)
     gen = torch.Generator(DEV).manual_seed(2)
     peaks, trials = {}, []
 
@@ -436,11 +441,11 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
         s, x, y, ok, stop = shared, None, None, False, None
         try:
             reset()
-            if graph:
-                s = Setup(workload, mode, precision, batch=b, tail_graphs=False)
+            if fresh:
+                s = Setup(workload, mode, precision, batch=b, tail_graphs=False if graph else None)
             w = WORKLOADS[workload]
             x, y = make_batch(w["kind"], b, w["seq"], gen, w.get("small", False))
-            for _ in range(2):
+            for _ in range(steps):
                 s.step(x, y)
             sync()
             peaks[b] = peak_gib()
@@ -452,7 +457,7 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
                 stop = SearchStopped(b, e)
         x = y = None
         try:
-            if graph and s is not None:
+            if fresh and s is not None:
                 s.close()
             elif not ok and s is not None:
                 s.opt.zero_grad(set_to_none=True)
@@ -499,7 +504,7 @@ def max_batch(workload, mode, precision, cap_factor=4.0) -> dict:
     except Exception as e:  # after a stop the process may not be usable: the row stands
         log(f"maxbatch {workload} {precision} {mode}: cleanup failed: {type(e).__name__}: {str(e)[:300]}")
     peak = peaks.get(lo)
-    row.update(max_batch=lo, capped=lo >= cap, cap=cap,
+    row.update(max_batch=lo, capped=lo >= cap, cap=cap, steps_per_trial=steps,
                peak_mem_gib_at_max=peak if peak is not None and peak == peak else None, trials=trials)
     return row
 

@@ -54,6 +54,29 @@ def test_gpu_benchmark_tiny_run_and_table(tmp_path):
         assert " / " in line.split(" | ")[7] and " / " in line.split(" | ")[8]  # both rounds' memory
 
 
+def test_maxbatch_searches_the_tails_mode_with_three_steps_a_trial(tmp_path):
+    """`--phases maxbatch` on the CPU (nothing runs out of memory: every search reaches its cap): the `-tails` mode is
+    searched too, three steps a trial (its tails are captured at the second), the default mode two; the batch grows
+    by 1.5x to the cap."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                       if p)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu", "--tiny",
+         "--phases", "maxbatch", "--workloads", "vit", "--precisions", "fp32", "--modes",
+         "groupclip-layer-wise-tails,groupclip-layer-wise"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["maxbatch"]}
+    assert rows["groupclip-layer-wise-tails"]["steps_per_trial"] == 3
+    assert rows["groupclip-layer-wise"]["steps_per_trial"] == 2
+    for r in rows.values():
+        assert "error" not in r, r
+        batches = [b for b, ok in r["trials"]]
+        assert all(ok for _, ok in r["trials"]) and r["capped"] and r["max_batch"] == r["cap"] == batches[-1]
+        assert all(b2 == min(int(b1 * 1.5), r["cap"]) for b1, b2 in zip(batches, batches[1:], strict=False))
+
+
 def test_table_shows_each_rounds_memory():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import table
