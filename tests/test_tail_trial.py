@@ -185,6 +185,29 @@ def test_as_fast_with_them_keeps_them(with_them):
     assert trial.report["reason"] == "as fast"
 
 
+@pytest.mark.parametrize("with_them", [99.0, 100.0, 100.5])
+def test_a_tie_drops_them_where_the_head_start_saw_no_idle_gpu(with_them):
+    """Tried because the host's own work reached the GPU's (120%), but the GPU idled 1% of a step given a head start:
+    a tie drops them as GPU-bound (so the clipper watches), with both timings in the report."""
+    trial = _Trial(_Tails())
+    keep, passes, active = _run(trial, lambda on, i: with_them if on else 100.0, busy=0.99, own=1.2)
+    assert keep is False and not trial.tails.active and passes == _passes_to_decision()
+    assert trial.report["reason"].startswith("GPU-bound: as fast with them") and "idled 1 ms" in trial.report["reason"]
+    assert trial.report["gpu_busy_ms"] == pytest.approx(99.0)
+    assert trial.report["ms_per_sample_with"] == pytest.approx(with_them / 8)
+    # faster by MIN_GAIN or more: kept all the same
+    trial = _Trial(_Tails())
+    keep, _, _ = _run(trial, lambda on, i: 96.0 if on else 100.0, busy=0.99, own=1.2)
+    assert keep is True and trial.report["reason"] == "faster"
+
+
+def test_a_tie_keeps_them_where_the_head_start_could_not_tell():
+    trial = _Trial(_Tails())
+    trial.behind = True  # inconclusive twice
+    keep, _, _ = _run(trial, lambda on, i: 100.0, busy=0.99, own=1.2)
+    assert keep is True and trial.report["reason"] == "as fast" and trial.report["gpu_busy_ms"] is None
+
+
 def test_gpu_bound_backward_decides_off_without_trying_the_graphs():
     trial = _Trial(_Tails())
     keep, passes, active = _run(trial, lambda on, i: 60.0 if on else 100.0, host_share=0.45)

@@ -35,14 +35,18 @@ host-bound loop (ViT-base under bf16 autocast) much faster and a GPU-bound one a
    the first step of a block lets the GPU's backlog settle to that mode's: a step with the graphs leaves the GPU
    behind the host, which a step right after it would be charged for). A step that captures starts this over;
 6. the graphs stay on unless the median step with them took more than `MAX_LOSS` more time per sample than the median
-   step without them (or no tail was replayed); otherwise they are dropped with their memory. A tie keeps them: the
-   probe of step 3 showed that a backward pass on its own leaves the GPU idle (or could not tell), so a loop that
-   times the same without them is only hiding the host's backward behind its slack (the next forward overlapping it),
-   which a sync per step (reading the loss for a log) or a slower host takes away. ViT-base bf16 layer-wise on an
-   H100, trial run back to back: 0.453 ms a sample with them, 0.455 without, dropped under the old rule (at least 3%
-   faster); the synchronised steps after that took 59-160 ms (median 75-84) without them, against 64-66 ms with them
-   in the same session (`benchmarks/results/h100-2026-11-24-step-marks-b2b-trial.json`). The decision is logged
-   (INFO) and kept for the engine's life.
+   step without them (or no tail was replayed); otherwise they are dropped with their memory. A tie keeps them where
+   the probe of step 3 showed that a backward pass on its own leaves the GPU idle (or could not tell, or did not run):
+   a loop that times the same without them is then only hiding the host's backward behind its slack (the next
+   forward overlapping it), which a sync per step (reading the loss for a log) or a slower host takes away. ViT-base
+   bf16 layer-wise on an H100, trial run back to back: 0.453 ms a sample with them, 0.455 without, dropped under an
+   older rule (at least 3% faster); the synchronised steps after that took 59-160 ms (median 75-84) without them,
+   against 64-66 ms with them in the same session (`benchmarks/results/h100-2026-11-24-step-marks-b2b-trial.json`).
+   Where the probe saw the GPU idle less than `MIN_GAIN` of a step (the graphs were tried because the host's own work
+   reached the GPU's), a tie drops them as GPU-bound and the watch below takes over: GPT-2 bf16 T=256 layer-wise kept
+   them as ties at 1.016x memory, its steps 136.4-139.8 ms with them against 136.6 without
+   (`benchmarks/results/h100-2026-11-25.json` and the run before it). The decision is logged (INFO) and kept for the
+   engine's life (but for the watch's new trials).
 
 After a "GPU-bound" decision a `TailWatch` keeps timing the backward passes (two CUDA events a pass, read once the
 GPU has passed them, never waited for): the loop was judged from a few steps, and a host that slows down later makes
@@ -141,6 +145,7 @@ class TailTrial:
         self._caught_up = False  # the GPU reached a mark of that pass while the host was two layers further
         self._spin_seen: tuple[int, float] = (0, 0.0)  # (clipped layers, host ms) at the last one the spin outlasted
         self._probes = 0
+        self._probe_idle: float | None = None  # the GPU's idle time in a backward pass, from the head start (ms)
         self._probe_report: dict = {}
         self.report: dict | None = None
 
@@ -226,7 +231,7 @@ class TailTrial:
             return None
         self._head_start_ms = None
         busy = self._elapsed_ms(after, end)
-        idle = max(0.0, self._window_ms - busy)
+        idle = self._probe_idle = max(0.0, self._window_ms - busy)
         own = self._own_ms(host, len(ticks) - 1)
         self._probe_report = {"gpu_busy_ms": busy, "backward_gpu_ms": self._window_ms, "step_ms": self._period_ms,
                               "head_start_host_ms": host, "host_own_ms": own,
@@ -282,7 +287,13 @@ class TailTrial:
             return self._decide(off, on, "no tail was replayed (the tensors never came back at one address)")
         if on > (1 + MAX_LOSS) * off:
             return self._decide(off, on, f"more than {MAX_LOSS:.0%} slower")
-        return self._decide(off, on, None, "faster" if on < (1 - MIN_GAIN) * off else "as fast")
+        if on < (1 - MIN_GAIN) * off:
+            return self._decide(off, on, None, "faster")
+        idle = self._probe_idle
+        if idle is not None and idle < MIN_GAIN * self._period_ms:
+            return self._decide(off, on, f"GPU-bound: as fast with them, and the GPU idled {idle:.3g} ms in a "
+                                         "backward pass given a head start")
+        return self._decide(off, on, None, "as fast")
 
     def _decide(self, off: float | None, on: float | None, why_not: str | None, why: str = "faster") -> bool:
         keep = why_not is None
