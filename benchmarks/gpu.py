@@ -180,6 +180,11 @@ class Setup:
             self.graphed(x, y)
         self.opt.step()
 
+    def tail_captures(self) -> int | None:
+        """Clip-tail graphs captured so far (None: not groupclip, or no graphs kept)."""
+        tails = self.engine.clipper.tails if self.engine is not None else None
+        return None if tails is None else tails.captures
+
     def trial_pending(self) -> bool:
         """Whether groupclip's clip-tail graphs have yet to settle (asked once a step): the trial (`tail_graphs=
         "auto"`) has not decided, or graphs were captured since the last time this was asked (a layer's graph is
@@ -292,12 +297,6 @@ def tail_state(s: Setup) -> dict:
     return out
 
 
-def captures(s: Setup) -> int | None:
-    """Clip-tail graphs captured so far by a groupclip setup (None: none kept)."""
-    clipper = s.engine.clipper if s.engine is not None else None
-    return clipper.tails.captures if clipper is not None and clipper.tails is not None else None
-
-
 def time_config(workload, mode, precision, steps, warmup) -> dict:
     reset()
     row = {"workload": workload, "mode": mode, "precision": precision}
@@ -316,14 +315,14 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
         while len(times) < steps:
             x, y = batches[i % 2]
             sync()
-            before = captures(s)
+            before = s.tail_captures()
             t0 = time.perf_counter()
             s.step(x, y)
             sync()
             i += 1
             if done_warm:
                 times.append(time.perf_counter() - t0)
-                after = captures(s)
+                after = s.tail_captures()
                 new_graphs.append(after - before if after is not None and before is not None else None)
             elif i >= warmup and (not s.trial_pending() or i >= warmup + TRIAL_CAP):
                 done_warm = i
@@ -349,7 +348,7 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             row.update({k + "_b2b": v for k, v in tail_state(s).items()})
             events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
             sync()
-            before = captures(s)
+            before = s.tail_captures()
             for i in range(steps):
                 x, y = batches[i % 2]
                 events[i].record()
@@ -359,7 +358,7 @@ def time_config(workload, mode, precision, steps, warmup) -> dict:
             b2b = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
             med = statistics.median(b2b)
             row.update(step_s_b2b=med, samples_per_s_b2b=s.batch / med, step_s_b2b_all=b2b)
-            after = captures(s)
+            after = s.tail_captures()
             if after is not None and before is not None:
                 row["captures_b2b"] = after - before
     except Exception as e:  # record failures as findings

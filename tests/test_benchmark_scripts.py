@@ -14,19 +14,27 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("nonprivate", "groupclip-layer-wise", "groupclip-all-layer")
 
 
-def test_gpu_benchmark_tiny_run_and_table(tmp_path):
+def _script_env() -> dict:
+    """The environment a benchmark script runs in: src on PYTHONPATH, keeping an existing PYTHONPATH (where Opacus or
+    transformers are installed into a directory on it, the script must see them as the test does)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                        if p)}
+
+
+def _gpu_py(tmp_path, *args: str) -> dict:
+    """`benchmarks/gpu.py --device cpu --tiny ...args` into tmp_path/result.json; the result."""
     out = tmp_path / "result.json"
-    # (keeps an existing PYTHONPATH: where Opacus or transformers are installed into a directory on it, the script
-    # must see them as the test does)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu", "--tiny",
-         "--phases", "check,time", "--workloads", "vit", "--precisions", "fp32", "--modes",
-         ",".join(MODES), "--rounds", "2", "--steps", "2", "--warmup", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu",
+                          "--tiny", *args], cwd=tmp_path, env=_script_env(), capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_benchmark_tiny_run_and_table(tmp_path):
+    result = _gpu_py(tmp_path, "--phases", "check,time", "--workloads", "vit", "--precisions", "fp32", "--modes",
+                     ",".join(MODES), "--rounds", "2", "--steps", "2", "--warmup", "1")
+    out, env = tmp_path / "result.json", _script_env()
 
     # the oracle check: both models, both group styles, eager and through the graph wrapper
     check = result["check"]
@@ -58,16 +66,9 @@ def test_maxbatch_searches_the_tails_mode_with_three_steps_a_trial(tmp_path):
     """`--phases maxbatch` on the CPU (nothing runs out of memory: every search reaches its cap): the `-tails` mode is
     searched too, three steps a trial (its tails are captured at the second), the default mode two; the batch grows
     by 1.5x to the cap."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--out", str(out), "--device", "cpu", "--tiny",
-         "--phases", "maxbatch", "--workloads", "vit", "--precisions", "fp32", "--modes",
-         "groupclip-layer-wise-tails,groupclip-layer-wise"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["maxbatch"]}
+    result = _gpu_py(tmp_path, "--phases", "maxbatch", "--workloads", "vit", "--precisions", "fp32", "--modes",
+                     "groupclip-layer-wise-tails,groupclip-layer-wise")
+    rows = {r["mode"]: r for r in result["maxbatch"]}
     assert rows["groupclip-layer-wise-tails"]["steps_per_trial"] == 3
     assert rows["groupclip-layer-wise"]["steps_per_trial"] == 2
     for r in rows.values():
@@ -120,8 +121,7 @@ def test_host_proxy_tiny_run(tmp_path):
 
     pytest.importorskip("transformers")
     out = tmp_path / "proxy.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
+    env = _script_env()
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_proxy.py"), "--out", str(out), "--steps", "2",
                           "--rounds", "1", "--warmup", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
@@ -140,8 +140,7 @@ def test_step_jitter_tiny_run(tmp_path):
 
     pytest.importorskip("transformers")
     out = tmp_path / "jitter.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
+    env = _script_env()
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_jitter.py"), "--out", str(out), "--device",
                           "cpu", "--tiny", "--steps", "3", "--settle", "2"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
